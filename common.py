@@ -1,0 +1,420 @@
+"""common.py: the training plumbing every stage shares, written once.
+
+  config      dataclass configs with typed `--key=value` overrides and `--help` (no exec)
+  runtime     device and precision choice, torchrun/DDP set-up (nccl on CUDA, gloo on CPU), seeds
+  optimizer   AdamW with the official no-weight-decay rule, warmup + cosine schedule
+  step        one optimizer step over micro-batches: no_sync accumulation, AMP, NaN/inf guard, clip
+  state       atomic checkpoints, full resume state (model, optimizer, scaler, step, RNG per rank)
+  logging     print0, log.txt (config, git commit, torch, device), metrics.json, peak FLOPS for MFU
+
+Every stage script reads: cfg = parse_config(Cfg(), argv) -> rt = setup_runtime(...) -> ... -> loop
+with train_step(...) -> save_checkpoint(...). Nothing here imports a stage script.
+"""
+import ast
+import datetime
+import difflib
+import inspect
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+
+# ------------------------------------------------------------------------------------------------
+# config
+
+class ConfigError(ValueError):
+    """A bad command-line option or config value; the message names it."""
+
+
+def _field_help(cls):
+    """The trailing `# comment` of each dataclass field, read from the source, for --help."""
+    helps = {}
+    for klass in reversed(cls.__mro__):
+        try:
+            src = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        for m in re.finditer(r"^\s+(\w+)\s*:[^=\n]+=[^#\n]*#\s*(.*)$", src, flags=re.M):
+            helps[m.group(1)] = m.group(2).strip()
+    return helps
+
+
+def _convert(key, raw, old):
+    if isinstance(old, bool):
+        if raw.lower() in ("true", "1", "yes"):
+            return True
+        if raw.lower() in ("false", "0", "no"):
+            return False
+        raise ConfigError(f"--{key} wants True or False, got {raw!r}")
+    if isinstance(old, str):
+        return raw
+    try:
+        new = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        raise ConfigError(f"--{key} wants a {type(old).__name__}, got {raw!r}") from None
+    if isinstance(old, float) and isinstance(new, int) and not isinstance(new, bool):
+        new = float(new)
+    if isinstance(old, tuple) and isinstance(new, list):
+        new = tuple(new)
+    if type(new) is not type(old):
+        raise ConfigError(f"--{key} wants a {type(old).__name__}, got {raw!r}")
+    return new
+
+
+def parse_config(cfg, argv, doc=""):
+    """Apply `--key=value` overrides (`--flag` alone means True) to a dataclass instance.
+    Unknown keys and wrong types raise ConfigError with a suggestion; --help prints every key."""
+    names = [f.name for f in fields(cfg)]
+    if any(a in ("-h", "--help") for a in argv):
+        helps = _field_help(type(cfg))
+        print(doc.strip() + "\n\noptions (--key=value):")
+        for n in names:
+            print(f"  --{n}={getattr(cfg, n)!r:<24} {helps.get(n, '')}")
+        raise SystemExit(0)
+    for arg in argv:
+        if not arg.startswith("--"):
+            raise ConfigError(f"expected --key=value, got {arg!r} (see --help)")
+        key, eq, raw = arg[2:].partition("=")
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            raise ConfigError(f"unknown option --{key}" + (f"; did you mean --{close[0]}?" if close else "")
+                              + " (see --help)")
+        old = getattr(cfg, key)
+        if not eq:
+            if not isinstance(old, bool):
+                raise ConfigError(f"--{key} needs a value: --{key}=...")
+            raw = "True"
+        setattr(cfg, key, _convert(key, raw, old))
+    if hasattr(cfg, "validate"):
+        cfg.validate()
+    return cfg
+
+
+def check(ok, msg):
+    """Config validation helper: raise ConfigError(msg) unless ok."""
+    if not ok:
+        raise ConfigError(msg)
+
+
+# ------------------------------------------------------------------------------------------------
+# runtime: device, precision, distributed
+
+@dataclass
+class Runtime:
+    device: torch.device
+    dtype: torch.dtype          # autocast dtype (float32 = no autocast)
+    rank: int = 0
+    local_rank: int = 0
+    world: int = 1
+    ddp: bool = False
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+    def autocast(self):
+        if self.dtype == torch.float32:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def make_scaler(self):
+        """fp16 needs loss scaling; bf16 and fp32 do not."""
+        return torch.amp.GradScaler("cuda") if self.dtype == torch.float16 and self.device.type == "cuda" else None
+
+
+def pick_device(name="auto"):
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def pick_dtype(device, name="auto"):
+    """CUDA: bf16 autocast, fp16 (+ GradScaler) where bf16 is missing. CPU/MPS: fp32 unless asked;
+    bf16 autocast on a CPU only pays off with AVX512-BF16 or AMX (2x faster there, 6x SLOWER on
+    CPUs without them)."""
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if name != "auto":
+        if name not in table:
+            raise ConfigError(f"--dtype must be auto, float32, bfloat16 or float16, got {name!r}")
+        return table[name]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def setup_runtime(device="auto", dtype="auto", seed=0, timeout_s=1800):
+    """Single process, or DDP when launched by torchrun (RANK in the environment)."""
+    rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in
+                               (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
+    ddp = "RANK" in os.environ and world > 1
+    dev = pick_device(device)
+    if ddp:
+        if dev.type == "cuda":
+            dev = torch.device("cuda", local_rank)
+            torch.cuda.set_device(dev)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if dev.type == "cuda" else "gloo",
+                                    timeout=datetime.timedelta(seconds=timeout_s))
+    elif dev.type == "cuda":
+        torch.cuda.set_device(dev.index or 0)
+    torch.manual_seed(seed + rank)
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return Runtime(dev, pick_dtype(dev, dtype), rank, local_rank, world, ddp)
+
+
+def cleanup(rt):
+    if rt.ddp and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def print0(*args, rt=None, **kw):
+    if rt is None or rt.master:
+        print(*args, **kw, flush=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# optimizer and schedule
+
+def build_optimizer(model, lr, weight_decay, betas, eps, no_decay_names=(), device_type="cpu"):
+    """AdamW. No weight decay for 1-D tensors (norms, LayerScale, biases), any `.bias`, and the named
+    parameters (position tables, CLS, temperature), as the official (FACTS 1.8, 2.8)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        short = name.split(".")[-1]
+        if p.ndim < 2 or name.endswith(".bias") or name in no_decay_names or short in no_decay_names:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=device_type == "cuda")
+
+
+def cosine_lr(step, total, warmup, lr, min_lr, start_lr=0.0):
+    """Linear warmup from start_lr to lr over `warmup` steps, then cosine from lr to min_lr."""
+    if step < warmup:
+        return start_lr + (lr - start_lr) * step / warmup
+    p = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_lr + 0.5 * (1 + math.cos(math.pi * p)) * (lr - min_lr)
+
+
+def set_lr(optimizer, lr):
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+
+
+# ------------------------------------------------------------------------------------------------
+# one optimizer step
+
+def train_step(model, micro_batches, loss_fn, optimizer, rt, scaler=None, grad_clip=0.0):
+    """Forward/backward every micro-batch (DDP gradient sync only on the last one: `no_sync` covers
+    forward AND backward), then a NaN/inf guard agreed by all ranks, unscale, clip, step.
+
+    loss_fn(model, batch) -> (loss, {name: tensor}). Returns (loss, parts, grad_norm, ok) as floats;
+    ok False means the step was skipped because some rank saw a non-finite loss."""
+    n = len(micro_batches)
+    total = torch.zeros((), device=rt.device)
+    parts = {}
+    for i, batch in enumerate(micro_batches):
+        sync = model.no_sync() if rt.ddp and i < n - 1 else nullcontext()
+        with sync:
+            with rt.autocast():
+                loss, p = loss_fn(model, batch)
+            (scaler.scale(loss / n) if scaler else loss / n).backward()
+        total += loss.detach().float() / n
+        for k, v in p.items():
+            parts[k] = parts.get(k, 0.0) + v.detach().float() / n
+    finite = torch.isfinite(total).float()
+    if rt.ddp:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        dist.all_reduce(total)
+        total /= rt.world
+    ok = bool(finite.item())
+    grad_norm = float("nan")
+    if ok:
+        if scaler:
+            scaler.unscale_(optimizer)
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        if grad_clip > 0:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip))
+        if scaler:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(total), {k: float(v) for k, v in parts.items()}, grad_norm, ok
+
+
+class NanGuard:
+    """Counts skipped (non-finite) steps; stops the run after `limit` in a row."""
+
+    def __init__(self, limit=5):
+        self.limit, self.total, self.in_a_row = limit, 0, 0
+
+    def update(self, ok, step):
+        if ok:
+            self.in_a_row = 0
+            return
+        self.total += 1
+        self.in_a_row += 1
+        print(f"step {step}: non-finite loss, step skipped ({self.total} so far)", file=sys.stderr, flush=True)
+        if self.in_a_row >= self.limit:
+            raise FloatingPointError(f"{self.in_a_row} non-finite losses in a row at step {step}: stopping. "
+                                     f"Lower the lr, or use --dtype=float32 to rule out precision.")
+
+
+# ------------------------------------------------------------------------------------------------
+# checkpoints and resume state
+
+def rng_state():
+    return {"cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(s):
+    torch.set_rng_state(s["cpu"])
+    if s["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def gather_objects(obj, rt):
+    """Every rank's object, in rank order (a list of one without DDP)."""
+    if not rt.ddp:
+        return [obj]
+    out = [None] * rt.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def save_checkpoint(path, state, rt):
+    """Atomic write on the master: a killed run leaves the previous checkpoint intact.
+    Call on every rank (RNG states are gathered from all ranks into state['rng'])."""
+    state = dict(state, rng=gather_objects(rng_state(), rt), world=rt.world)
+    if rt.master:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    if rt.ddp:
+        dist.barrier()
+
+
+def load_checkpoint(path, map_location="cpu"):
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:
+        raise RuntimeError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e})") from None
+
+
+def restore_rng(ckpt, rt):
+    """Restore this rank's RNG when the world size matches; otherwise keep the fresh seeds."""
+    states = ckpt.get("rng") or []
+    if ckpt.get("world") == rt.world and len(states) == rt.world:
+        set_rng_state(states[rt.rank])
+    else:
+        print0(f"resume: world size changed ({ckpt.get('world')} -> {rt.world}); RNG re-seeded", rt=rt)
+
+
+def unwrap(model):
+    """The raw module under DDP and torch.compile, whose state_dict has no `module.`/`_orig_mod.`."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+# ------------------------------------------------------------------------------------------------
+# logging
+
+def git_commit():
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, timeout=5).stdout.strip() or "unknown"
+    except Exception:
+        return "unknown"
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{device.type} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+class RunLog:
+    """<out_dir>/log.txt: a header (command, config, git commit, torch, device) then one line per
+    logged step. Written by the master only."""
+
+    def __init__(self, out_dir, cfg, rt, resume=False):
+        self.rt, self.path = rt, Path(out_dir) / "log.txt"
+        if not rt.master:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a" if resume else "w") as f:
+            f.write(f"# {datetime.datetime.now().isoformat(timespec='seconds')} {' '.join(sys.argv)}\n")
+            f.write(f"# git {git_commit()} | torch {torch.__version__} | device {device_name(rt.device)} "
+                    f"| dtype {rt.dtype} | world {rt.world}\n")
+            f.write(f"# config {json.dumps(asdict(cfg))}\n")
+
+    def __call__(self, msg):
+        if self.rt.master:
+            with open(self.path, "a") as f:
+                f.write(msg + "\n")
+
+
+def write_json(path, obj):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=float))
+    os.replace(tmp, path)
+
+
+# Dense bf16 peak FLOP/s of known GPUs, for MFU; unknown devices report MFU as None.
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
+                   "A10G": 125e12, "A10": 125e12, "RTX 4090": 165e12, "RTX 3090": 71e12}
+
+
+def peak_flops(device):
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, val in PEAK_BF16_FLOPS.items():
+        if key in name:
+            return val
+    return None
+
+
+class Timer:
+    """Wall-clock seconds between calls, synchronising CUDA first so GPU work is counted."""
+
+    def __init__(self, device):
+        self.device, self.t = device, time.perf_counter()
+
+    def lap(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        dt, self.t = now - self.t, now
+        return dt

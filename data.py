@@ -1,0 +1,507 @@
+"""data.py: ToyWorld, the on-disk sample format and its reader, frame sampling, transforms, the
+resumable sampler and the stage-1 masking generators.
+
+The real data format (DESIGN.md) is a JSONL file, one sample per line, paths relative to the file:
+
+    {"id": "clip0", "video": "videos/clip0.mp4", "audio": "audio/clip0.wav", "caption": "a dog runs"}
+
+`video` is a folder of frames, a GIF or WebP (pillow), or an mp4 (needs PyAV); `audio` (WAV/FLAC),
+`audio_caption`, `asr`, `avs_caption`, `qa` ([{"q", "a"}]) are optional. Anything else on the line
+(ToyWorld's `attrs`) is carried along untouched.
+
+ToyWorld is the embedded default: a seeded generator of 32x32, 16-frame clips of one shape (4 shapes,
+6 colours, 2 sizes) moving in one of 4 directions at one of 2 speeds over a textured background,
+with a 1 s, 16 kHz sound track (a beep whose timbre follows the shape, pitch the size and rhythm
+the speed, then two synthetic "spoken" words) and every caption type. It is written to disk in the
+real format, so the real reader is what every run uses.
+
+    python data.py --out=data/toyworld      # writes train.jsonl + val.jsonl (about 10 s on 2 cores)
+"""
+import json
+import math
+import os
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)   # every official loader normalises with ImageNet statistics
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class DataError(ValueError):
+    """A sample or sample file that cannot be used; the message names the file (and line)."""
+
+
+# ------------------------------------------------------------------------------------------------
+# ToyWorld
+
+SHAPES = ["circle", "square", "triangle", "cross"]
+COLORS = {"red": (220, 45, 45), "green": (50, 200, 70), "blue": (60, 90, 235),
+          "yellow": (235, 215, 50), "purple": (170, 70, 210), "white": (235, 235, 235)}
+SIZES = {"small": 3.8, "large": 6.0}               # radius in pixels at 32 px
+DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+SPEEDS = {"slowly": 0.4, "quickly": 1.0}            # pixels per frame over 16 frames
+TIMBRES = {"circle": "whistle", "square": "buzz", "triangle": "horn", "cross": "bell"}
+PITCHES = {"small": ("high", 880.0), "large": ("low", 330.0)}
+WORDS = ["apple", "river", "stone", "cloud", "tiger", "lemon", "piano", "rocket"]
+# the attributes a probe or a question can ask about, with their classes (chance = 1 / classes)
+ATTRIBUTES = {"shape": SHAPES, "color": list(COLORS), "size": list(SIZES),
+              "direction": list(DIRECTIONS), "speed": list(SPEEDS)}
+QUESTIONS = {"shape": "what shape is the object?", "color": "what color is the object?",
+             "size": "is the object small or large?", "direction": "which way is the object moving?",
+             "speed": "is the object moving slowly or quickly?"}
+VIDEO_TEMPLATES = ["a {size} {color} {shape} moving {direction} {speed}",
+                   "a {color} {shape}, {size}, moves {direction} {speed}",
+                   "the {size} {color} {shape} goes {direction} {speed}"]
+FRAMES, SIZE_PX, SAMPLE_RATE, AUDIO_SECONDS = 16, 32, 16000, 1.0
+
+
+def _shape_mask(shape, cx, cy, r, yy, xx):
+    dx, dy = xx - cx, yy - cy
+    if shape == "circle":
+        return dx * dx + dy * dy <= r * r
+    if shape == "square":
+        return np.maximum(np.abs(dx), np.abs(dy)) <= 0.85 * r
+    if shape == "triangle":                                   # apex up, base below the centre
+        return (dy >= -r) & (dy <= 0.75 * r) & (np.abs(dx) <= (dy + r) * 0.6)
+    return ((np.abs(dx) <= r / 3) & (np.abs(dy) <= r)) | ((np.abs(dy) <= r / 3) & (np.abs(dx) <= r))
+
+
+def _render_frames(a, rng):
+    """(16, 32, 32, 3) uint8: a static textured background and one anti-aliased moving shape."""
+    ss = 3                                                     # 3x supersampling for sub-pixel motion
+    yy, xx = np.mgrid[0:SIZE_PX * ss, 0:SIZE_PX * ss] / ss + 0.5 / ss
+    bg = rng.uniform(10, 90, size=3) + rng.normal(0, 10, size=(SIZE_PX, SIZE_PX, 3))
+    r, speed = SIZES[a["size"]], SPEEDS[a["speed"]]
+    (ux, uy), travel = DIRECTIONS[a["direction"]], SPEEDS[a["speed"]] * (FRAMES - 1)
+    # start so that the whole path stays inside the frame
+    lo, hi = r + 0.5, SIZE_PX - r - 0.5
+    start = [rng.uniform(lo, hi), rng.uniform(lo, hi)]
+    for axis, u in ((0, ux), (1, uy)):
+        if u > 0:
+            start[axis] = rng.uniform(lo, hi - travel)
+        elif u < 0:
+            start[axis] = rng.uniform(lo + travel, hi)
+    color = np.array(COLORS[a["color"]], dtype=np.float64)
+    frames = np.empty((FRAMES, SIZE_PX, SIZE_PX, 3), dtype=np.uint8)
+    for t in range(FRAMES):
+        cx, cy = start[0] + ux * speed * t, start[1] + uy * speed * t
+        cover = _shape_mask(a["shape"], cx, cy, r, yy, xx).astype(np.float64)
+        cover = cover.reshape(SIZE_PX, ss, SIZE_PX, ss).mean((1, 3))[..., None]   # (32, 32, 1)
+        frames[t] = np.clip(bg * (1 - cover) + color * cover, 0, 255).astype(np.uint8)
+    return frames
+
+
+def _tone(kind, f0, n, sr):
+    t = np.arange(n) / sr
+    if kind == "whistle":
+        return np.sin(2 * np.pi * f0 * t)
+    if kind == "buzz":
+        return 0.6 * np.sign(np.sin(2 * np.pi * f0 * t))
+    if kind == "horn":
+        return sum(np.sin(2 * np.pi * f0 * k * t) / k for k in range(1, 6)) * 0.6
+    return sum(np.sin(2 * np.pi * f0 * k * t) * np.exp(-6 * t) for k in (1.0, 2.76, 5.4)) * 0.7  # bell
+
+
+def _word_sound(word, n, sr):
+    """A synthetic 'spoken' word: two syllables, each two formant tones amplitude-modulated by a
+    120 Hz glottal pulse; every word has its own formant pair sequence."""
+    h = zlib.crc32(word.encode())
+    formants = [(300 + 100 * ((h >> s) % 8), 900 + 250 * ((h >> (s + 3)) % 8)) for s in (0, 12)]
+    t = np.arange(n // 2) / sr
+    pulse = 0.5 + 0.5 * np.sign(np.sin(2 * np.pi * 120 * t))
+    env = np.sin(np.pi * np.arange(n // 2) / (n // 2))
+    sylls = [(np.sin(2 * np.pi * f1 * t) + 0.6 * np.sin(2 * np.pi * f2 * t)) * pulse * env
+             for f1, f2 in formants]
+    return np.concatenate(sylls) * 0.5
+
+
+def _render_audio(a, rng):
+    """(16000,) float32 at 16 kHz: 0.0-0.45 s beeps tied to the scene, 0.5-1.0 s two spoken words."""
+    sr, n = SAMPLE_RATE, int(SAMPLE_RATE * AUDIO_SECONDS)
+    wav = np.zeros(n)
+    beeps = 2 if a["speed"] == "slowly" else 5
+    beep_len = int(0.45 * sr / beeps * 0.6)
+    f0 = PITCHES[a["size"]][1]
+    for b in range(beeps):
+        s = int(b * 0.45 * sr / beeps)
+        wav[s:s + beep_len] += _tone(TIMBRES[a["shape"]], f0, beep_len, sr) * np.hanning(beep_len)
+    w = int(0.23 * sr)
+    for j, word in enumerate(a["words"]):
+        s = int(0.5 * sr) + j * (w + int(0.02 * sr))
+        wav[s:s + w] += _word_sound(word, w, sr)
+    wav += rng.normal(0, 0.002, n)
+    return (0.5 * wav / max(1e-6, np.abs(wav).max())).astype(np.float32)
+
+
+def toyworld_sample(split, i, seed):
+    """Attributes, captions and QA of one clip (deterministic in (seed, split, i))."""
+    rng = np.random.default_rng([seed, 0 if split == "train" else 1, i])
+    a = {k: str(rng.choice(v)) for k, v in ATTRIBUTES.items()}
+    a["words"] = [str(w) for w in rng.choice(WORDS, size=2)]
+    pitch, timbre = PITCHES[a["size"]][0], TIMBRES[a["shape"]]
+    rhythm = "slowly" if a["speed"] == "slowly" else "quickly"
+    video_caption = VIDEO_TEMPLATES[int(rng.integers(len(VIDEO_TEMPLATES)))].format(**a)
+    sample = {
+        "id": f"{split}_{i:05d}",
+        "video": f"videos/{split}_{i:05d}.webp",
+        "audio": f"audio/{split}_{i:05d}.flac",
+        "caption": video_caption,
+        "audio_caption": f"a {pitch} {timbre} beeping {rhythm}, then a voice speaks",
+        "asr": " ".join(a["words"]),
+        "avs_caption": (f"a {a['size']} {a['color']} {a['shape']} moving {a['direction']} {a['speed']} "
+                        f"with a {pitch} {timbre} sound while someone says {' '.join(a['words'])}"),
+        "qa": [{"q": QUESTIONS[k], "a": a[k], "type": k} for k in ATTRIBUTES],
+        "attrs": a,
+    }
+    return sample, rng
+
+
+def _write_clip(args):
+    import soundfile as sf
+    root, split, i, seed = args
+    sample, rng = toyworld_sample(split, i, seed)
+    frames = _render_frames(sample["attrs"], rng)
+    ims = [Image.fromarray(f) for f in frames]
+    ims[0].save(root / sample["video"], save_all=True, append_images=ims[1:], lossless=True,
+                duration=80, method=0, minimize_size=False, kmin=0, kmax=0)
+    sf.write(root / sample["audio"], _render_audio(sample["attrs"], rng), SAMPLE_RATE, subtype="PCM_16")
+    return sample
+
+
+def make_toyworld(root="data/toyworld", n_train=2000, n_val=500, seed=0, workers=2, verbose=True):
+    """Write ToyWorld to `root` (train.jsonl, val.jsonl, videos/, audio/, meta.json) unless a copy
+    with the same settings is already there. Returns the root as a Path."""
+    root = Path(root)
+    meta = {"version": 2, "n_train": n_train, "n_val": n_val, "seed": seed}
+    if (root / "meta.json").exists() and json.loads((root / "meta.json").read_text()).get("settings") == meta:
+        return root
+    (root / "videos").mkdir(parents=True, exist_ok=True)
+    (root / "audio").mkdir(parents=True, exist_ok=True)
+    jobs = [(root, s, i, seed) for s, n in (("train", n_train), ("val", n_val)) for i in range(n)]
+    from tqdm import tqdm
+    if workers > 1:
+        import multiprocessing as mp
+        with mp.get_context("fork").Pool(workers) as pool:
+            samples = list(tqdm(pool.imap(_write_clip, jobs, chunksize=32), total=len(jobs),
+                                desc=f"ToyWorld -> {root}", disable=not verbose))
+    else:
+        samples = [_write_clip(j) for j in tqdm(jobs, desc=f"ToyWorld -> {root}", disable=not verbose)]
+    for split in ("train", "val"):
+        with open(root / f"{split}.jsonl", "w") as f:
+            for s in samples:
+                if s["id"].startswith(split):
+                    f.write(json.dumps(s) + "\n")
+    chance = {k: 1.0 / len(v) for k, v in ATTRIBUTES.items()}
+    (root / "meta.json").write_text(json.dumps({"settings": meta, "attributes": ATTRIBUTES,
+                                                "chance": chance}, indent=1))
+    return root
+
+
+# ------------------------------------------------------------------------------------------------
+# the on-disk format: JSONL, frames, audio
+
+def load_jsonl(path, skip_bad=False, required=("video",)):
+    """Parse a sample file. Returns (records, n_bad). Each record gets `_line` (1-based) and `_root`
+    (the JSONL's folder). A malformed line raises DataError naming the file and line, or with
+    skip_bad is counted and skipped."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"sample file {path} does not exist")
+    records, bad = [], 0
+    with open(path) as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                if not isinstance(rec, dict):
+                    raise ValueError("a line must be a JSON object")
+                missing = [k for k in required if not rec.get(k)]
+                if missing:
+                    raise ValueError(f"missing field(s) {missing}")
+            except ValueError as e:
+                if not skip_bad:
+                    raise DataError(f"{path}:{lineno}: malformed sample line ({e})") from None
+                bad += 1
+                continue
+            rec["_line"], rec["_root"] = lineno, str(path.parent)
+            records.append(rec)
+    if not records:
+        raise DataError(f"{path}: no usable samples")
+    return records, bad
+
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+_FRAME_CACHE = {}     # path -> every decoded frame, for small datasets (see VideoTextDataset.cache)
+
+
+def read_frames(path, indices_fn, cache=False):
+    """Decode the frames of one video. `indices_fn(n_frames) -> list of frame indices` picks which
+    frames to decode. Returns uint8 (T, H, W, 3). Raises DataError naming the file. With cache, every
+    frame is decoded once per process and kept in memory."""
+    if cache:
+        key = str(path)
+        if key not in _FRAME_CACHE:
+            _FRAME_CACHE[key] = read_frames(path, lambda n: range(n))
+        frames = _FRAME_CACHE[key]
+        return frames[indices_fn(len(frames))]
+    path = Path(path)
+    try:
+        if path.is_dir():                                     # a folder of frame images
+            files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTS)
+            if not files:
+                raise DataError(f"{path}: frame folder has no images")
+            return np.stack([np.asarray(Image.open(files[i]).convert("RGB")) for i in indices_fn(len(files))])
+        if not path.exists():
+            raise DataError(f"{path}: video file does not exist")
+        if path.suffix.lower() in (".gif", ".webp", ".png"):
+            with Image.open(path) as im:
+                out = []
+                for i in indices_fn(getattr(im, "n_frames", 1)):
+                    im.seek(i)
+                    out.append(np.asarray(im.convert("RGB")))
+                return np.stack(out)
+        try:
+            import av
+        except ImportError:
+            raise DataError(f"{path}: reading {path.suffix} videos needs PyAV (pip install av), or "
+                            f"convert the video to a frame folder, GIF or WebP") from None
+        with av.open(str(path)) as container:
+            frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+        if not frames:
+            raise DataError(f"{path}: no video frames")
+        return np.stack([frames[i] for i in indices_fn(len(frames))])
+    except DataError:
+        raise
+    except Exception as e:                                    # corrupt or unreadable media
+        raise DataError(f"{path}: cannot decode video ({type(e).__name__}: {e})") from None
+
+
+def frame_indices(n_total, n_frames, train, rng=None):
+    """Segment sampling as the official loaders (FACTS 1.3, 2.7): split the video into n_frames equal
+    segments and take a random frame of each (training) or the middle one (evaluation)."""
+    out = []
+    for s in range(n_frames):
+        lo = min(n_total - 1, s * n_total // n_frames)
+        hi = max(lo + 1, (s + 1) * n_total // n_frames)
+        out.append(int(rng.integers(lo, hi)) if train else (lo + hi - 1) // 2)
+    return out
+
+
+def video_transform(frames, size, train, rng=None, scale=(0.5, 1.0), hflip=False):
+    """uint8 (T, H, W, 3) -> float (3, T, size, size), ImageNet-normalised. Training: one random
+    resized crop (area fraction in `scale`, aspect 3/4..4/3) for the whole clip and an optional
+    horizontal flip; evaluation: resize the whole frame to size x size (FACTS 2.7)."""
+    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float() / 255  # (T, 3, H, W)
+    H, W = x.shape[-2:]
+    if train and scale[0] < 1.0:
+        for _ in range(10):
+            area = H * W * rng.uniform(*scale)
+            ar = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+            w, h = int(round(math.sqrt(area * ar))), int(round(math.sqrt(area / ar)))
+            if 0 < w <= W and 0 < h <= H:
+                top, left = int(rng.integers(0, H - h + 1)), int(rng.integers(0, W - w + 1))
+                x = x[..., top:top + h, left:left + w]
+                break
+    if x.shape[-2:] != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    if train and hflip and rng.random() < 0.5:
+        x = x.flip(-1)
+    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
+    return ((x - mean) / std).permute(1, 0, 2, 3).contiguous()         # (3, T, size, size)
+
+
+# ------------------------------------------------------------------------------------------------
+# dataset, collate, sampler
+
+TEXT_KEYS = ("caption", "audio_caption", "asr", "avs_caption")
+
+
+class VideoTextDataset(torch.utils.data.Dataset):
+    """Reads the JSONL format. Item (index or (index, epoch)) -> dict with
+    video (3, T, S, S), idx, id, n_bad, the text fields present, attrs/qa when present, and
+    mask_noise (T', Np) uniform noise for the masking generators when `noise_grid` is given.
+    A sample that cannot be read raises DataError naming the JSONL line and the file; with
+    skip_bad it is replaced by the next readable sample and counted in n_bad.
+
+    All randomness of a sample (frame choice, crop, flip, mask noise) comes from a generator seeded
+    by (seed, epoch, index), so a sample is the same whatever the worker, rank or world size, and a
+    resumed run reads exactly what the uninterrupted run would have."""
+
+    def __init__(self, jsonl, num_frames, img_size, train, seed=0, skip_bad=False, noise_grid=None,
+                 crop_scale=(0.5, 1.0), hflip=False, extra=None, cache=None):
+        self.records, self.n_bad_lines = load_jsonl(jsonl, skip_bad)
+        # decoded clips stay in memory for small datasets (ToyWorld: 100 MB); None = auto
+        self.cache = len(self.records) <= 5000 if cache is None else cache
+        self.jsonl, self.num_frames, self.img_size, self.train = str(jsonl), num_frames, img_size, train
+        self.seed, self.skip_bad, self.noise_grid = seed, skip_bad, noise_grid
+        self.crop_scale, self.hflip = tuple(crop_scale), hflip
+        self.extra = extra            # optional fn(record, rng) -> dict of more fields (stage 2 audio)
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, item):
+        idx, epoch = item if isinstance(item, tuple) else (item, 0)
+        n_bad = 0
+        for attempt in range(len(self.records)):
+            j = (idx + attempt) % len(self.records)      # with skip_bad, a bad sample -> the next one
+            rec = self.records[j]
+            rng = np.random.default_rng([self.seed, epoch, j])
+            try:
+                out = self._load(rec, rng)
+            except DataError as e:
+                msg = f"{self.jsonl}:{rec['_line']}: {e}"
+                if not self.skip_bad:
+                    raise DataError(msg) from None
+                print(f"skipping bad sample: {msg}", file=sys.stderr)
+                n_bad += 1
+                continue
+            out.update(idx=j, n_bad=n_bad)
+            return out
+        raise DataError(f"{self.jsonl}: no sample could be read")
+
+    def _load(self, rec, rng):
+        frames = read_frames(Path(rec["_root"]) / rec["video"],
+                             lambda n: frame_indices(n, self.num_frames, self.train, rng), self.cache)
+        out = {"video": video_transform(frames, self.img_size, self.train, rng, self.crop_scale, self.hflip),
+               "id": str(rec.get("id", rec["_line"]))}
+        if self.extra is not None:
+            out.update(self.extra(rec, rng))
+        for k in TEXT_KEYS + ("attrs", "qa"):
+            if k in rec:
+                out[k] = rec[k]
+        if self.noise_grid is not None:
+            out["mask_noise"] = torch.from_numpy(rng.random(self.noise_grid, dtype=np.float32))
+        return out
+
+
+def collate(batch):
+    """Stack tensors, list everything else; n_bad sums the bad samples skipped to fill the batch
+    (a bad sample is replaced by the next good one, so batches keep their size across ranks)."""
+    out = {}
+    for k in batch[0]:
+        vals = [b[k] for b in batch if k in b]
+        if len(vals) != len(batch):
+            continue
+        out[k] = torch.stack(vals) if isinstance(vals[0], torch.Tensor) else (
+            torch.tensor(vals) if isinstance(vals[0], int) else vals)
+    out["n_bad"] = int(out["n_bad"].sum()) if "n_bad" in out else 0
+    return out
+
+
+class StepSampler(torch.utils.data.Sampler):
+    """Batch sampler for training: yields this rank's micro-batches of (index, epoch), forever,
+    starting at global micro-step `start`. Micro-step s reads positions [s*G, (s+1)*G) of the
+    permutation for epoch s // (n // G), G = micro_batch * world; rank r takes its slice
+    [r*micro, (r+1)*micro). The data position is the micro-step counter alone, so resume is exact,
+    and 1 rank at micro-batch 2B reads the same clips as 2 ranks at B (the DDP equality test)."""
+
+    def __init__(self, n, micro_batch, rank=0, world=1, seed=0, start=0, shuffle=True):
+        self.n, self.micro, self.rank, self.world = n, micro_batch, rank, world
+        self.seed, self.start, self.shuffle = seed, start, shuffle
+        self.per_epoch = n // (micro_batch * world)
+        if self.per_epoch == 0:
+            raise DataError(f"the dataset has {n} samples, fewer than one global micro-batch "
+                            f"({micro_batch} x {world} ranks)")
+
+    def __iter__(self):
+        s, epoch, perm = self.start, -1, None
+        G = self.micro * self.world
+        while True:
+            e, pos = divmod(s, self.per_epoch)
+            if e != epoch:
+                epoch = e
+                g = torch.Generator().manual_seed(self.seed * 100003 + e)
+                perm = torch.randperm(self.n, generator=g) if self.shuffle else torch.arange(self.n)
+            lo = pos * G + self.rank * self.micro
+            yield [(int(i), e) for i in perm[lo:lo + self.micro]]
+            s += 1
+
+    def __len__(self):
+        return sys.maxsize
+
+
+def train_loader(dataset, micro_batch, rank, world, seed, start, workers):
+    sampler = StepSampler(len(dataset), micro_batch, rank, world, seed, start)
+    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
+                                       collate_fn=collate, persistent_workers=False,
+                                       pin_memory=torch.cuda.is_available(),
+                                       prefetch_factor=4 if workers else None)
+
+
+def eval_loader(dataset, batch_size, rank=0, world=1, workers=0):
+    """Sequential loader over this rank's shard (indices rank, rank + world, ...)."""
+    idx = list(range(rank, len(dataset), world))
+    batches = [idx[i:i + batch_size] for i in range(0, len(idx), batch_size)]
+    return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers,
+                                       collate_fn=collate)
+
+
+# ------------------------------------------------------------------------------------------------
+# stage-1 masking (FACTS 1.5). Every generator turns per-sample uniform noise (B, T', Np) into the
+# visible-token index (B, 1 + n_visible) that InternVideo2.forward_features takes: CLS (0) first,
+# then the kept patches in ascending order (token index = 1 + t * Np + p). Each frame keeps
+# Np - floor(ratio * Np) patches; with 256 patches and ratio 0.8 that is 52 (1 + 8 * 52 = 417 tokens).
+
+def _visible_from_keys(keys, ratio):
+    """keys: (B, T', Np), larger = keep. Keep the top n per frame; -> (B, 1 + T' * n) sorted."""
+    B, T, Np = keys.shape
+    n_vis = Np - int(ratio * Np)
+    keep = keys.topk(n_vis, dim=-1).indices.sort(-1).values               # (B, T', n)
+    keep = keep + torch.arange(T, device=keys.device)[None, :, None] * Np + 1
+    cls = torch.zeros(B, 1, dtype=keep.dtype, device=keep.device)
+    return torch.cat([cls, keep.flatten(1)], dim=1)
+
+
+def attention_mask(attn, noise, ratio=0.8):
+    """Attention-guided masking, the official stage-1 default (FACTS 1.5, 6.5): per frame, draw the
+    patch ordering by weighted sampling WITHOUT replacement with probabilities proportional to the
+    image teacher's pooling attention, and keep the first Np - floor(ratio * Np).
+
+    attn: (B*T' or B, T', Np) non-negative weights; noise: (B, T', Np) uniform in (0, 1).
+    The official calls torch.multinomial(attn, Np). We draw the same distribution with exponential
+    keys u^(1/w) (Efraimidis & Spirakis, 2006): the top-n keys are a weighted sample without
+    replacement. It needs no host sync, and the noise comes from the sample's own seed, so masks do
+    not depend on world size or workers. tests/test_stage1.py checks the first-pick probabilities."""
+    B, T, Np = noise.shape
+    w = attn.reshape(B, T, Np).float().clamp_min(1e-12)
+    keys = torch.log(noise.clamp_min(1e-12)) / w                           # log(u^(1/w)), monotone
+    return _visible_from_keys(keys, ratio)
+
+
+def tube_mask(noise, ratio=0.8):
+    """Tube masking: one random spatial mask shared by every frame (the official crashes, FACTS 1.5)."""
+    return _visible_from_keys(noise[:, :1].expand_as(noise), ratio)
+
+
+def random_mask(noise, ratio=0.8):
+    """Random masking over the whole clip, N - floor(ratio * N) visible (the official stage-2
+    generator, FACTS 2.2: 1024 patches at 0.8 -> 205 visible + CLS)."""
+    return _visible_from_keys(noise.flatten(1)[:, None], ratio)
+
+
+def visible_to_mask(visible, n_tokens):
+    """(B, Nv) visible indices -> (B, n_tokens) bool, True = masked (the official convention)."""
+    mask = torch.ones(visible.shape[0], n_tokens, dtype=torch.bool, device=visible.device)
+    return mask.scatter(1, visible, False)
+
+
+if __name__ == "__main__":
+    import argparse
+    p = argparse.ArgumentParser(description="Write ToyWorld in the real JSONL format.")
+    p.add_argument("--out", default="data/toyworld")
+    p.add_argument("--n_train", type=int, default=2000)
+    p.add_argument("--n_val", type=int, default=500)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args()
+    import time
+    t0 = time.time()
+    root = make_toyworld(a.out, a.n_train, a.n_val, a.seed)
+    print(f"ToyWorld at {root} ({a.n_train} train + {a.n_val} val clips) in {time.time() - t0:.1f}s")

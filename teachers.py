@@ -1,0 +1,377 @@
+"""teachers.py: the two frozen stage-1 teachers, their checkpoint loading, and pre-training of the toy
+teachers on ToyWorld.
+
+  InternViTTeacher   image teacher (InternViT-6B, the vision tower of InternVL-C; FACTS 1.4): runs
+                     frame by frame; returns the last K blocks' tokens with the frame-averaged CLS,
+                     the frame-averaged pooled vector, and its pooling query's attention per frame
+  VideoMAETeacher    video teacher (VideoMAEv2-g; FACTS 1.4): tubelet 2 over twice the student's
+                     frames; returns the last K blocks' tokens, the final LayerNorm on the last only
+  Teachers           both, frozen and kept OUTSIDE the student: not its submodules, so never in its
+                     optimizer, its DDP wrapper or its checkpoint, and never back in training mode
+
+Both reuse model.py's blocks; their parameter names are the official checkpoint keys. The toy
+teachers carry real signal on ToyWorld: the image teacher is trained as a small CLIP (frame-caption
+contrastive), the video teacher as a VideoMAE (masked pixel reconstruction, 90% tube masking), and
+each is saved in its official checkpoint layout, so loading them runs the same code as loading
+InternVL-C or VideoMAEv2-g.
+
+    python teachers.py --data=data/toyworld --out=out/teachers     # about 2 minutes on 2 CPU cores
+"""
+import json
+import math
+import sys
+import time
+import zlib
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model import (AttentionPool, Block, PatchEmbed, VisionConfig, count_params, sincos_2d,
+                   sinusoid_table)
+
+# Official teacher shapes (FACTS 1.4); drop path is irrelevant for a frozen teacher.
+CLIP_TEACHER_PRESETS = {
+    "toy": VisionConfig(img_size=32, patch_size=8, num_frames=8, embed_dim=96, depth=4, num_heads=4,
+                        mlp_ratio=4.0, layerscale=0.1, drop_path=0.0, pool_heads=4, pool_dim=96,
+                        clip_return_layers=2, mae_return_layers=0),
+    "internvit-6b": VisionConfig(embed_dim=3200, depth=48, num_heads=25, mlp_ratio=4.0, layerscale=0.1,
+                                 drop_path=0.0, clip_return_layers=6, mae_return_layers=0),
+}
+MAE_TEACHER_PRESETS = {
+    "toy": VisionConfig(img_size=32, patch_size=8, num_frames=16, tubelet_size=2, embed_dim=96, depth=4,
+                        num_heads=4, mlp_ratio=4.0, qkv_bias="qv", qk_norm=False, norm="ln", layerscale=0.0,
+                        act="gelu", drop_path=0.0, clip_return_layers=0, mae_return_layers=2),
+    "videomae-g": VisionConfig(num_frames=16, tubelet_size=2, embed_dim=1408, depth=40, num_heads=16,
+                               mlp_ratio=48 / 11, qkv_bias="qv", qk_norm=False, norm="ln", layerscale=0.0,
+                               act="gelu", drop_path=0.0, clip_return_layers=0, mae_return_layers=4),
+}
+
+
+def teacher_preset(table, name):
+    if name not in table:
+        raise ValueError(f"unknown teacher preset {name!r}; choose one of {list(table)}")
+    return table[name].validate()
+
+
+class InternViTTeacher(nn.Module):
+    """InternViT-style image teacher; every frame is an independent image of 1 + HW tokens."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.cfg = cfg = replace(cfg, tubelet_size=1, num_frames=1)
+        hw = cfg.num_patches
+        self.patch_embed = PatchEmbed(cfg)                     # Conv3d, temporal kernel 1 ("inflated")
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
+        # 2-D, frozen (FACTS 1.4); the official loads it from the checkpoint, the toy starts from sin-cos
+        table = torch.cat([torch.zeros(1, cfg.embed_dim), sincos_2d(cfg.embed_dim, cfg.grid[1]).float()])
+        self.pos_embed = nn.Parameter(table[None].clone(), requires_grad=False)   # (1, 1+HW, D)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        self.clip_projector = AttentionPool(cfg.embed_dim, cfg.pool_heads, cfg.pool_dim)
+        _init_linear(self)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+
+    def tokens(self, frames, layers=()):
+        """frames: (B', 3, 1, H, W) -> last block (B', 1+HW, D) and {block: (B', 1+HW, D)}."""
+        x = self.patch_embed(frames).flatten(1, 2)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        hidden = {}
+        for i, blk in enumerate(self.blocks):
+            x = blk(x)
+            if i in layers:
+                hidden[i] = x
+        return x, hidden
+
+    def encode_image(self, images):
+        """images (B, 3, H, W) -> pooled (B, pool_dim), un-normalised (toy CLIP training)."""
+        return self.clip_projector(self.tokens(images[:, :, None])[0])
+
+    def forward(self, video):
+        """video (B, 3, T, H, W) -> dict, every feature L2-normalised per token (FACTS 1.4, 1.9):
+        clip (K, B, 1 + T*HW, D): last K blocks, ascending; CLS averaged over frames, then all patches
+        clip_final (B, pool_dim): pooled vector averaged over frames
+        attn (B, T, HW): the pooling query's head-averaged attention over each frame's patches."""
+        B, _, T, H, W = video.shape
+        K, D = self.cfg.clip_return_layers, self.cfg.embed_dim
+        frames = video.transpose(1, 2).reshape(B * T, 3, 1, H, W)
+        x, hidden = self.tokens(frames, layers=range(self.cfg.depth - K, self.cfg.depth))
+        pooled, attn = self.clip_projector(x, need_weights=True)          # (BT, P), (BT, 1+HW)
+        z = torch.stack([hidden[i] for i in sorted(hidden)])              # (K, BT, 1+HW, D)
+        cls = z[:, :, :1].reshape(K, B, T, 1, D).mean(2)                  # (K, B, 1, D)
+        z = torch.cat([cls, z[:, :, 1:].reshape(K, B, -1, D)], dim=2)     # (K, B, 1+T*HW, D)
+        return {"clip": F.normalize(z, dim=-1),
+                "clip_final": F.normalize(pooled.reshape(B, T, -1).mean(1), dim=-1),
+                "attn": attn[:, 1:].reshape(B, T, -1)}
+
+
+class VideoMAETeacher(nn.Module):
+    """VideoMAEv2-style video teacher: no CLS, fixed 1-D sinusoid positions, LayerNorm blocks with
+    q/v biases and exact GELU, a final `norm`."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.patch_embed = PatchEmbed(cfg)
+        self.register_buffer("pos_embed", sinusoid_table(cfg.num_patches, cfg.embed_dim), persistent=False)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        self.norm = nn.LayerNorm(cfg.embed_dim, eps=1e-6)
+        _init_linear(self)
+
+    def forward_features(self, video, visible=None):
+        """(B, 3, 2T, H, W) -> tokens after the final norm (B, Nv, D), for visible indices (B, Nv)."""
+        x = self.patch_embed(video).flatten(1, 2) + self.pos_embed
+        if visible is not None:
+            x = x.gather(1, visible[..., None].expand(-1, -1, x.shape[-1]))
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x)
+
+    def forward(self, video):
+        """-> (K, B, N, D): the last K blocks, ascending, final LayerNorm on the last one only, every
+        token L2-normalised (FACTS 1.4, 6.8)."""
+        K, depth = self.cfg.mae_return_layers, self.cfg.depth
+        x = self.patch_embed(video).flatten(1, 2) + self.pos_embed
+        z = []
+        for i, blk in enumerate(self.blocks):
+            x = blk(x)
+            if i == depth - 1:
+                x = self.norm(x)
+            if i >= depth - K:
+                z.append(x)
+        return F.normalize(torch.stack(z), dim=-1)
+
+
+def _init_linear(net):
+    for m in net.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+# ------------------------------------------------------------------------------------------------
+# frozen pair
+
+def freeze(net):
+    """No gradients, eval mode, and `train()` made a no-op: a frozen teacher never trains again."""
+    net.requires_grad_(False).eval()
+    for m in net.modules():
+        m.train = lambda mode=True, _m=m: _m
+    return net
+
+
+class Teachers:
+    """The frozen teacher pair. A plain object, not an nn.Module, so nothing of the student (its
+    .train(), optimizer, DDP wrapper, state_dict) ever reaches it."""
+
+    def __init__(self, clip, mae):
+        self.clip, self.mae = freeze(clip), freeze(mae)
+
+    def to(self, device=None, dtype=None):
+        for net in (self.clip, self.mae):
+            net.to(device=device, dtype=dtype)
+        return self
+
+    @torch.no_grad()
+    def __call__(self, video):
+        """video (B, 3, 2T, H, W): the MAE teacher sees all 2T frames (tubelet 2), the image teacher
+        (like the student) the even ones (FACTS 1.3, 6.9). Returns clip, clip_final, attn, mae."""
+        out = self.clip(video[:, :, ::2])
+        out["mae"] = self.mae(video)
+        return out
+
+
+def load_teacher(kind, preset, path):
+    """Build a teacher and load its checkpoint in the official layout:
+    image teacher: {'module': state} (DeepSpeed), 2-D patch kernel inflated to Conv3d, pos_embed
+    resized bicubically if the grid differs; video teacher: {'model': {'encoder.' + key: ...}}.
+    Missing or mis-shaped keys raise KeyError naming them; unexpected keys are listed and ignored."""
+    table, Net = (CLIP_TEACHER_PRESETS, InternViTTeacher) if kind == "clip" else (MAE_TEACHER_PRESETS, VideoMAETeacher)
+    net = Net(teacher_preset(table, preset))
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{kind} teacher checkpoint {path} does not exist")
+    raw = torch.load(path, map_location="cpu", weights_only=True)
+    state = raw.get("module", raw.get("model", raw)) if isinstance(raw, dict) else raw
+    if kind == "mae" and any(k.startswith("encoder.") for k in state):
+        state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
+    own = net.state_dict()
+    if kind == "clip":
+        w = state.get("patch_embed.proj.weight")
+        if w is not None and w.ndim == 4:                              # (D, 3, p, p) -> (D, 3, 1, p, p)
+            state["patch_embed.proj.weight"] = w[:, :, None]
+        pe = state.get("pos_embed")
+        if pe is not None and pe.shape != own["pos_embed"].shape and pe.ndim == 3:
+            state["pos_embed"] = _resize_pos_2d(pe, own["pos_embed"].shape[1] - 1)
+    missing = [k for k in own if k not in state]
+    bad_shape = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+                 for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or bad_shape:
+        raise KeyError(f"{path} does not fit the {preset} {kind} teacher: missing {missing[:20]}"
+                       f"{' ...' if len(missing) > 20 else ''}; wrong shapes {bad_shape[:20]}")
+    unexpected = [k for k in state if k not in own]
+    if unexpected:
+        print(f"{path}: ignoring {len(unexpected)} keys the {kind} teacher does not use: {unexpected[:8]}"
+              f"{' ...' if len(unexpected) > 8 else ''}")
+    net.load_state_dict({k: state[k] for k in own})
+    return net
+
+
+def _resize_pos_2d(pe, n_new):
+    D, old = pe.shape[-1], int(math.isqrt(pe.shape[1] - 1))
+    new = int(math.isqrt(n_new))
+    grid = pe[:, 1:].reshape(1, old, old, D).permute(0, 3, 1, 2).float()
+    grid = F.interpolate(grid, size=(new, new), mode="bicubic", align_corners=False)
+    return torch.cat([pe[:, :1], grid.permute(0, 2, 3, 1).reshape(1, new * new, D).to(pe.dtype)], dim=1)
+
+
+def build_teachers(clip_preset, mae_preset, clip_ckpt=None, mae_ckpt=None):
+    """The frozen pair; a None checkpoint leaves that teacher randomly initialised (benchmarks, tests)."""
+    clip = (load_teacher("clip", clip_preset, clip_ckpt) if clip_ckpt
+            else InternViTTeacher(teacher_preset(CLIP_TEACHER_PRESETS, clip_preset)))
+    mae = (load_teacher("mae", mae_preset, mae_ckpt) if mae_ckpt
+           else VideoMAETeacher(teacher_preset(MAE_TEACHER_PRESETS, mae_preset)))
+    return Teachers(clip, mae)
+
+
+# ------------------------------------------------------------------------------------------------
+# toy teacher pre-training (the real teachers come pre-trained; ToyWorld's must learn something first)
+
+class BagOfWords(nn.Module):
+    """The toy CLIP's text tower: hashed words -> mean embedding -> MLP. Captions are templated, so
+    word identity is all the signal there is."""
+
+    def __init__(self, dim, buckets=2048):
+        super().__init__()
+        self.buckets = buckets
+        self.emb = nn.EmbeddingBag(buckets, dim, mode="mean")
+        self.mlp = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, dim))
+
+    def forward(self, texts):
+        ids = [torch.tensor([zlib.crc32(w.encode()) % self.buckets for w in t.lower().replace(",", " ").split()])
+               for t in texts]
+        offsets = torch.tensor([0] + [len(i) for i in ids[:-1]]).cumsum(0)
+        dev = self.emb.weight.device
+        return self.mlp(self.emb(torch.cat(ids).to(dev), offsets.to(dev)))
+
+
+class MAEDecoder(nn.Module):
+    """Toy VideoMAE decoder: encoder tokens + mask tokens -> 2 blocks -> pixels of each tubelet."""
+
+    def __init__(self, cfg: VisionConfig, dim=64, depth=2):
+        super().__init__()
+        dcfg = replace(cfg, embed_dim=dim, depth=depth, num_heads=4, qkv_bias="qv", layerscale=0.0)
+        self.embed = nn.Linear(cfg.embed_dim, dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.register_buffer("pos", sinusoid_table(cfg.num_patches, dim), persistent=False)
+        self.blocks = nn.ModuleList(Block(dcfg) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.head = nn.Linear(dim, 3 * cfg.tubelet_size * cfg.patch_size ** 2)
+
+    def forward(self, x, visible, n_tokens):          # x: (B, Nv, De) -> (B, N, pixels per tubelet)
+        B = x.shape[0]
+        full = self.mask_token.expand(B, n_tokens, -1).clone()
+        full = full.scatter(1, visible[..., None].expand(-1, -1, full.shape[-1]), self.embed(x))
+        full = full + self.pos
+        for blk in self.blocks:
+            full = blk(full)
+        return self.head(self.norm(full))
+
+
+def tubelet_pixels(video, cfg):
+    """(B, 3, T, H, W) -> (B, N, t*p*p*3): the pixels of each tubelet, in the patch embedding's
+    (t, h, w) token order. The toy target is the (ImageNet-normalised) pixels themselves: VideoMAE's
+    per-patch normalised target would make ToyWorld's static noise texture, unpredictable under a
+    tube mask, dominate the loss."""
+    B, C, T, H, W = video.shape
+    t, p = cfg.tubelet_size, cfg.patch_size
+    x = video.reshape(B, C, T // t, t, H // p, p, W // p, p).permute(0, 2, 4, 6, 3, 5, 7, 1)
+    return x.reshape(B, (T // t) * (H // p) * (W // p), t * p * p * C)
+
+
+def _fit(desc, params, loss_fn, loader, steps, lr, betas, history, verbose):
+    """A small AdamW loop with warmup + cosine, for the toy teachers."""
+    from common import cosine_lr, set_lr
+    from tqdm import tqdm
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05, betas=betas)
+    bar = tqdm(range(steps), desc=desc, file=sys.stdout, disable=not verbose, dynamic_ncols=True)
+    for step in bar:
+        set_lr(opt, cosine_lr(step, steps, max(1, steps // 10), lr, lr / 100))
+        loss = loss_fn(next(loader))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        history.append(loss.item())
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+
+
+def pretrain_toy_teachers(data_root, out_dir, clip_steps=300, mae_steps=150, batch=64, lr=2e-3, seed=0, log=print,
+                          history=None, verbose=True):
+    """Train the toy image teacher (CLIP) and video teacher (VideoMAE, 90% tube masking) on ToyWorld's
+    train split and save them in the official layouts. Returns the two checkpoint paths; the loss
+    curves go to history['clip'] and history['mae'] when a dict is given."""
+    from data import VideoTextDataset, train_loader, tube_mask
+    from losses import contrastive_loss
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    history = {} if history is None else history
+    torch.manual_seed(seed)
+    clip_cfg, mae_cfg = CLIP_TEACHER_PRESETS["toy"], MAE_TEACHER_PRESETS["toy"]
+    jsonl = Path(data_root) / "train.jsonl"
+
+    # image teacher: one random frame per clip against its caption (CLIP, learnable temperature);
+    # clips with the same caption are positives of each other
+    clip, text = InternViTTeacher(clip_cfg), BagOfWords(clip_cfg.pool_dim)
+    logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+    ds = VideoTextDataset(jsonl, 1, clip_cfg.img_size, train=True, seed=seed, crop_scale=(0.6, 1.0))
+
+    def clip_loss(b):
+        img = F.normalize(clip.encode_image(b["video"][:, :, 0]), dim=-1)
+        txt = F.normalize(text(b["caption"]), dim=-1)
+        ids = torch.tensor([zlib.crc32(c.encode()) for c in b["caption"]])
+        return contrastive_loss(img, txt, 1 / logit_scale.exp().clamp(max=100), ids)
+    params = [p for p in clip.parameters() if p.requires_grad] + list(text.parameters()) + [logit_scale]
+    _fit("toy image teacher (CLIP)", params, clip_loss, iter(train_loader(ds, batch, 0, 1, seed, 0, workers=1)),
+         clip_steps, lr, (0.9, 0.98), history.setdefault("clip", []), verbose)
+    clip_path = out_dir / "toy_clip_teacher.pt"
+    torch.save({"module": clip.state_dict(), "config": asdict(clip_cfg)}, clip_path)
+
+    # video teacher: VideoMAE, 90% tube masking, pixels of the hidden tubelets as targets
+    mae, dec = VideoMAETeacher(mae_cfg), MAEDecoder(mae_cfg)
+    T, Np, N = mae_cfg.grid[0], mae_cfg.grid[1] * mae_cfg.grid[2], mae_cfg.num_patches
+    ds = VideoTextDataset(jsonl, mae_cfg.num_frames, mae_cfg.img_size, train=True, seed=seed + 1,
+                          noise_grid=(T, Np), crop_scale=(0.6, 1.0))
+
+    def mae_loss(b):
+        visible = tube_mask(b["mask_noise"], 0.9)[:, 1:] - 1               # patch indices (no CLS here)
+        pred = dec(mae.forward_features(b["video"], visible), visible, N)  # (B, N, pixels)
+        hidden = torch.ones(pred.shape[:2], dtype=torch.bool).scatter(1, visible, False)
+        return ((pred - tubelet_pixels(b["video"], mae_cfg)) ** 2).mean(-1)[hidden].mean()
+    _fit("toy video teacher (VideoMAE)", list(mae.parameters()) + list(dec.parameters()), mae_loss,
+         iter(train_loader(ds, batch, 0, 1, seed + 1, 0, workers=1)), mae_steps, lr, (0.9, 0.95),
+         history.setdefault("mae", []), verbose)
+    mae_path = out_dir / "toy_mae_teacher.pt"
+    torch.save({"model": {"encoder." + k: v for k, v in mae.state_dict().items()}, "config": asdict(mae_cfg)},
+               mae_path)
+    log(f"toy teachers saved: {clip_path} ({count_params(clip) / 1e6:.2f}M, CLIP loss "
+        f"{history['clip'][0]:.3f} -> {history['clip'][-1]:.3f}), {mae_path} ({count_params(mae) / 1e6:.2f}M, "
+        f"MAE loss {history['mae'][0]:.3f} -> {history['mae'][-1]:.3f})")
+    return clip_path, mae_path
+
+
+if __name__ == "__main__":
+    import argparse
+    p = argparse.ArgumentParser(description="Pre-train the two toy teachers on ToyWorld.")
+    p.add_argument("--data", default="data/toyworld")
+    p.add_argument("--out", default="out/teachers")
+    p.add_argument("--clip_steps", type=int, default=300)
+    p.add_argument("--mae_steps", type=int, default=150)
+    p.add_argument("--batch", type=int, default=64)
+    a = p.parse_args()
+    from data import make_toyworld
+    make_toyworld(a.data)
+    t0 = time.time()
+    pretrain_toy_teachers(a.data, a.out, a.clip_steps, a.mae_steps, a.batch)
+    print(f"done in {time.time() - t0:.0f}s")

@@ -1,0 +1,108 @@
+"""train_stage1.py and common.py: config errors, a short run learns, exact resume, DDP equality
+(2 gloo ranks with accumulation = 1 process on the global batch), and a torchrun smoke run."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from common import ConfigError, Runtime, train_step
+from conftest import run_two_ranks, save_result
+from data import VideoTextDataset, train_loader
+from model import InternVideo2, vision_preset
+from teachers import build_teachers
+from train_stage1 import Stage1Config, main, stage1_loss_fn
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _args(toyworld, out, *extra):
+    return [f"--data={toyworld}", f"--out_dir={out}", "--random_teachers=True", "--batch_size=4",
+            "--workers=0", "--eval=False", "--log_every=1", "--warmup_steps=2", *extra]
+
+
+def test_config_errors_are_named(toyworld, tmp_path, capsys):
+    with pytest.raises(ConfigError, match="unknown option --mask_ration; did you mean --mask_ratio"):
+        main(_args(toyworld, tmp_path, "--mask_ration=0.5"))
+    with pytest.raises(ConfigError, match="--batch_size wants a int, got 'four'"):
+        main(_args(toyworld, tmp_path, "--batch_size=four"))
+    with pytest.raises(ConfigError, match="--mask_ratio must be in"):
+        main(_args(toyworld, tmp_path, "--mask_ratio=1.5"))
+    with pytest.raises(ConfigError, match="--mask_type must be"):
+        main(_args(toyworld, tmp_path, "--mask_type=blocks"))
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0 and "--mask_ratio=0.8" in capsys.readouterr().out
+
+
+def test_short_run_lowers_the_loss(toyworld, tmp_path):
+    m = main(_args(toyworld, tmp_path, "--max_steps=30", "--lr=0.02"))
+    assert m["loss_last"] < 0.7 * m["loss_first"], m
+    log = (tmp_path / "log.txt").read_text()
+    assert "# git" in log and "step 30/30" in log and json.loads((tmp_path / "metrics.json").read_text())["steps"] == 30
+
+
+def test_resume_is_bit_identical(toyworld, tmp_path):
+    main(_args(toyworld, tmp_path / "a", "--max_steps=6"))
+    main(_args(toyworld, tmp_path / "b", "--max_steps=6", "--stop_after=3"))
+    assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)["step"] == 3
+    main(_args(toyworld, tmp_path / "b", "--max_steps=6", "--resume", "--workers=1"))
+    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=False) for d in ("a", "b"))
+    assert b["step"] == 6
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
+
+
+def _one_sgd_step(toyworld, rt, micro_batch, accum, model_wrap=lambda m: m):
+    """One train_step with SGD(lr=1): the parameter change is minus the (averaged) gradient."""
+    cfg = Stage1Config(data=str(toyworld))
+    torch.manual_seed(0)
+    teachers = build_teachers("toy", "toy")
+    student = InternVideo2(vision_preset("toy"), with_heads=True)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    ds = VideoTextDataset(Path(toyworld) / "train.jsonl", 16, 32, train=True, noise_grid=(8, 16))
+    loader = iter(train_loader(ds, micro_batch, rt.rank, rt.world, 0, 0, workers=0))
+    opt = torch.optim.SGD(student.parameters(), lr=1.0)
+    train_step(model_wrap(student), [next(loader) for _ in range(accum)], stage1_loss_fn(teachers, cfg, rt), opt, rt)
+    return {k: before[k] - v for k, v in student.state_dict().items()}
+
+
+def _ddp_rank(rank, world, init, out, toyworld):
+    import datetime
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    rt = Runtime(torch.device("cpu"), torch.float32, rank, rank, world, ddp=True)
+    grads = _one_sgd_step(toyworld, rt, 1, 2, torch.nn.parallel.DistributedDataParallel)
+    save_result(grads, out)
+    dist.destroy_process_group()
+
+
+def test_two_ranks_with_accumulation_equal_one_process_on_the_global_batch(toyworld, tmp_path):
+    """1 process, micro-batch 4 vs 2 gloo ranks x 2 accumulated micro-batches of 1 (no_sync on the
+    first): the same 4 clips, masks and targets, so the same gradient."""
+    single = _one_sgd_step(toyworld, Runtime(torch.device("cpu"), torch.float32), 4, 1)
+    for grads in run_two_ranks(_ddp_rank, tmp_path, str(toyworld)):
+        for k, g in single.items():
+            torch.testing.assert_close(grads[k], g, atol=2e-6, rtol=1e-4, msg=k)
+    assert max(g.abs().max() for g in single.values()) > 0
+
+
+def test_torchrun_two_processes(toyworld, tmp_path):
+    """The script under torchrun with gloo. A rank that aborts at interpreter exit after finishing
+    (seen about once in 15 runs here) is tolerated when the run's outputs are complete."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "train_stage1.py"), *_args(toyworld, tmp_path, "--max_steps=2", "--batch_size=2")]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    metrics = tmp_path / "metrics.json"
+    assert metrics.exists(), r.stdout[-2000:] + r.stderr[-4000:]
+    ck = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    assert ck["step"] == 2 and ck["world"] == 2 and len(ck["rng"]) == 2
+    assert "world 2" in (tmp_path / "log.txt").read_text()
+    if r.returncode != 0:
+        assert "step 2/2" in (tmp_path / "log.txt").read_text(), r.stderr[-4000:]

@@ -1,0 +1,100 @@
+"""teachers.py: frozen and outside the student, official checkpoint layouts, output conventions."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import InternVideo2, count_params, vision_preset
+from teachers import (CLIP_TEACHER_PRESETS, MAE_TEACHER_PRESETS, InternViTTeacher, VideoMAETeacher, build_teachers,
+                      load_teacher, pretrain_toy_teachers)
+
+
+def _video(B=2, T=16):
+    torch.manual_seed(0)
+    return torch.randn(B, 3, T, 32, 32)
+
+
+def test_teachers_get_no_grads_and_stay_in_eval():
+    teachers = build_teachers("toy", "toy")
+    student = InternVideo2(vision_preset("toy"), with_heads=True)
+    student.train()
+    teachers.clip.train()
+    teachers.mae.train(True)
+    for net in (teachers.clip, teachers.mae):
+        assert all(not m.training for m in net.modules())
+        assert all(not p.requires_grad for p in net.parameters())
+    video = _video()
+    tgt = teachers(video)
+    assert all(not t.requires_grad for t in (tgt["clip"], tgt["mae"]))
+    visible = torch.arange(0, 129, 4)[None].expand(2, -1)
+    out = student(video[:, :, ::2], visible, distill=True)
+    (out["clip"].sum() + out["mae"].sum() + (out["clip_final"] * tgt["clip_final"]).sum()).backward()
+    assert all(p.grad is None for net in (teachers.clip, teachers.mae) for p in net.parameters())
+    assert not any(k.startswith(("clip.", "mae.", "teacher")) for k in student.state_dict())
+
+
+def test_teacher_outputs_follow_the_official_conventions():
+    teachers = build_teachers("toy", "toy")
+    video = _video()
+    out = teachers(video)
+    K, D, B = CLIP_TEACHER_PRESETS["toy"].clip_return_layers, 96, 2
+    assert out["clip"].shape == (K, B, 1 + 8 * 16, D) and out["attn"].shape == (B, 8, 16)
+    assert out["mae"].shape == (MAE_TEACHER_PRESETS["toy"].mae_return_layers, B, 8 * 16, D)
+    for v in (out["clip"], out["clip_final"], out["mae"]):
+        torch.testing.assert_close(v.norm(dim=-1), torch.ones(v.shape[:-1]))
+    # the CLS target is the frame-average of the per-frame CLS tokens (then L2)
+    frames = video[:, :, ::2].transpose(1, 2).reshape(B * 8, 3, 1, 32, 32)
+    _, hidden = teachers.clip.tokens(frames, layers={3})
+    cls = hidden[3][:, 0].reshape(B, 8, D).mean(1)
+    torch.testing.assert_close(out["clip"][-1, :, 0], F.normalize(cls, dim=-1))
+    # only the MAE teacher's last layer passes through its final LayerNorm
+    x = teachers.mae.patch_embed(video).flatten(1, 2) + teachers.mae.pos_embed
+    for blk in teachers.mae.blocks:
+        x = blk(x)
+    torch.testing.assert_close(out["mae"][-1], F.normalize(teachers.mae.norm(x), dim=-1))
+    assert out["attn"].min() >= 0 and torch.all(out["attn"].sum(-1) <= 1 + 1e-5)
+
+
+def test_checkpoints_load_from_the_official_layouts(tmp_path):
+    torch.manual_seed(1)
+    clip, mae = InternViTTeacher(CLIP_TEACHER_PRESETS["toy"]), VideoMAETeacher(MAE_TEACHER_PRESETS["toy"])
+    sd = clip.state_dict()
+    sd["patch_embed.proj.weight"] = sd["patch_embed.proj.weight"][:, :, 0]        # InternVL's 2-D kernel
+    sd["text_projection"] = torch.zeros(3)                                        # unused extra key
+    torch.save({"module": sd}, tmp_path / "clip.pth")
+    torch.save({"model": {"encoder." + k: v for k, v in mae.state_dict().items()}
+                | {"decoder.head.weight": torch.zeros(2)}}, tmp_path / "mae.pth")
+    loaded = build_teachers("toy", "toy", tmp_path / "clip.pth", tmp_path / "mae.pth")
+    video = _video()
+    torch.testing.assert_close(loaded.clip(video[:, :, ::2])["clip"], clip.eval()(video[:, :, ::2])["clip"])
+    torch.testing.assert_close(loaded.mae(video), mae.eval()(video))
+    del sd["blocks.2.attn.qkv.weight"]
+    sd["blocks.0.mlp.fc1.weight"] = torch.zeros(5, 5)
+    torch.save({"module": sd}, tmp_path / "bad.pth")
+    with pytest.raises(KeyError, match=r"missing \['blocks\.2\.attn\.qkv\.weight'\].*blocks\.0\.mlp\.fc1\.weight"):
+        load_teacher("clip", "toy", tmp_path / "bad.pth")
+    with pytest.raises(FileNotFoundError, match="nowhere.pth"):
+        load_teacher("mae", "toy", tmp_path / "nowhere.pth")
+
+
+def test_full_teacher_shapes_on_meta():
+    with torch.device("meta"):
+        vit, mae = InternViTTeacher(CLIP_TEACHER_PRESETS["internvit-6b"]), VideoMAETeacher(MAE_TEACHER_PRESETS["videomae-g"])
+    sd = vit.state_dict()
+    assert len(vit.blocks) == 48 and tuple(sd["blocks.0.attn.qkv.weight"].shape) == (9600, 3200)
+    assert tuple(sd["blocks.0.attn.q_norm.weight"].shape) == (3200,) and "blocks.0.ls1.gamma" in sd
+    assert tuple(sd["pos_embed"].shape) == (1, 257, 3200) and not vit.pos_embed.requires_grad
+    sd = mae.state_dict()
+    assert len(mae.blocks) == 40 and tuple(sd["patch_embed.proj.weight"].shape) == (1408, 3, 2, 14, 14)
+    assert "blocks.0.attn.q_bias" in sd and "blocks.0.attn.k_bias" not in sd and "blocks.0.ls1.gamma" not in sd
+    assert 5.5e9 < count_params(vit) < 6.0e9 and 0.95e9 < count_params(mae) < 1.05e9
+
+
+def test_toy_teacher_pretraining_lowers_both_losses_and_saves_official_layouts(toyworld, tmp_path):
+    losses = {}
+    clip_path, mae_path = pretrain_toy_teachers(toyworld, tmp_path, steps=12, batch=16, lr=2e-3,
+                                                log=lambda *a: None, history=losses, verbose=False)
+    for name in ("clip", "mae"):
+        first, last = sum(losses[name][:3]) / 3, sum(losses[name][-3:]) / 3
+        assert last < first, (name, losses[name])
+    assert "module" in torch.load(clip_path) and all(k.startswith("encoder.") for k in torch.load(mae_path)["model"])
+    build_teachers("toy", "toy", clip_path, mae_path)

@@ -1,0 +1,300 @@
+"""Stage 1 of InternVideo2: unmasked-token distillation of a video ViT from two frozen teachers.
+
+The student sees 20% of the patches of an 8-frame clip (attention-guided masking from the image
+teacher) and regresses, at those positions only, the tokens of an image teacher (InternViT-6B:
+last 6 blocks + its pooled vector) and of a video teacher (VideoMAEv2-g, 16 frames: last 4 blocks),
+with 2 - 2cos losses on L2-normalised features (FACTS 1). README.md explains the method.
+
+    python train_stage1.py                                   # toy on ToyWorld, CPU, < 5 min
+    python train_stage1.py --help                            # every option
+    torchrun --standalone --nproc_per_node=8 train_stage1.py --preset=1B --data=my_videos/ \\
+        --clip_teacher=internvit-6b --clip_teacher_ckpt=internvl_c_13b_224px.pth \\
+        --mae_teacher=videomae-g --mae_teacher_ckpt=vit_g_hybrid_1200e_pre.pth --img_size=224
+
+Writes <out_dir>/ckpt.pt (student + heads, optimizer, step, RNG), log.txt and metrics.json (the
+linear-probe evaluation). `--resume` continues exactly; stage 2 takes `--init_from=<ckpt.pt>`.
+"""
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from common import (NanGuard, RunLog, Timer, build_optimizer, check, cleanup, cosine_lr, load_checkpoint,
+                    parse_config, peak_flops, print0, restore_rng, save_checkpoint, set_lr,
+                    setup_runtime, train_step, unwrap, write_json)
+from data import (VideoTextDataset, attention_mask, make_toyworld, random_mask, train_loader, tube_mask)
+from evaluate import extract_features, probe_attributes
+from losses import stage1_loss
+from model import InternVideo2, count_params, gather_tokens, param_table, vision_preset
+from teachers import build_teachers, pretrain_toy_teachers
+
+TOYWORLD = "data/toyworld"
+
+
+@dataclass
+class Stage1Config:
+    # data
+    data: str = TOYWORLD            # folder with train.jsonl and val.jsonl (ToyWorld is generated if missing)
+    skip_bad_samples: bool = False  # replace unreadable samples by the next one, count and report them
+    workers: int = 1                # DataLoader worker processes
+    hflip: bool = False             # random horizontal flip (the official flips; ToyWorld's directions forbid it)
+    crop_scale: float = 0.6         # smallest crop area fraction of the random resized crop (1.0 = no crop)
+    # student
+    preset: str = "toy"             # toy | S | B | L | 1B | 6B (model.py)
+    num_frames: int = 8             # student frames; the video teacher sees twice as many (FACTS 1.3)
+    img_size: int = 0               # 0 = the preset's (toy 32, others 224)
+    drop_path: float = -1.0         # -1 = the preset's (1B 0.25, 6B 0.3; FACTS 1.8)
+    # teachers
+    clip_teacher: str = "toy"       # toy | internvit-6b
+    mae_teacher: str = "toy"        # toy | videomae-g
+    clip_teacher_ckpt: str = ""     # "" = out/teachers/toy_clip_teacher.pt for toy (trained if missing)
+    mae_teacher_ckpt: str = ""      # "" = out/teachers/toy_mae_teacher.pt for toy (trained if missing)
+    random_teachers: bool = False   # random-init teachers (benchmarks, tests); the probe is then meaningless
+    teacher_steps: tuple = (300, 150)  # (image, video) teacher steps when the toy teachers must be pre-trained
+    # masking and loss
+    mask_type: str = "attention"    # attention | tube | random (FACTS 1.5)
+    mask_ratio: float = 0.8         # fraction of each frame's patches hidden from the student
+    w_clip: float = 1.0             # weight of the image-teacher layer term
+    w_clip_final: float = 1.0       # weight of the image-teacher pooled term
+    w_mae: float = 1.0              # weight of the video-teacher layer term
+    # optimisation (FACTS 1.8)
+    batch_size: int = 32            # clips per micro-batch per process
+    grad_accum: int = 1             # micro-batches per optimizer step
+    max_steps: int = 300            # optimizer steps (0 = only evaluate the initial weights)
+    warmup_steps: int = 30          # linear warmup from 0
+    lr: float = -1.0                # peak lr per 256 clips, scaled by global batch / 256; -1 = 1.5e-4 (toy 6e-3)
+    min_lr: float = -1.0            # final cosine lr per 256 clips; -1 = 1e-5 (toy 1e-4)
+    weight_decay: float = 0.05      # AdamW, not on 1-D params, biases, pos/cls
+    beta2: float = 0.98             # AdamW betas (0.9, beta2), eps 1e-6
+    grad_clip: float = 3.0          # max global grad norm
+    # system
+    device: str = "auto"            # auto | cpu | cuda | cuda:N | mps
+    dtype: str = "auto"             # auto (CUDA bf16, else fp32) | float32 | bfloat16 | float16
+    compile: bool = False           # torch.compile the student
+    grad_ckpt_blocks: int = 0       # activation checkpointing for the first N student blocks
+    seed: int = 0                   # seeds init, data order, augmentation and masks
+    out_dir: str = "out/stage1"     # ckpt.pt, log.txt, metrics.json
+    init_from: str = ""             # start from this checkpoint's student weights (not its optimizer)
+    resume: bool = False            # continue <out_dir>/ckpt.pt exactly (model, optimizer, step, RNG, data)
+    ckpt_every: int = 100           # steps between checkpoints (and at the end)
+    stop_after: int = 0             # stop after this step without finishing the schedule (0 = off)
+    log_every: int = 10             # steps between log.txt lines
+    max_nan_in_a_row: int = 5       # non-finite losses in a row that stop the run
+    eval: bool = True               # linear-probe evaluation at the end
+    probe_train_clips: int = 1000   # training clips the probes are fitted on
+
+    def validate(self):
+        check(self.mask_type in ("attention", "tube", "random"), f"--mask_type must be attention, tube or random, got {self.mask_type!r}")
+        check(0.0 <= self.mask_ratio < 1.0, f"--mask_ratio must be in [0, 1), got {self.mask_ratio}")
+        check(self.batch_size > 0 and self.grad_accum > 0, "--batch_size and --grad_accum must be positive")
+        check(self.max_steps >= 0 and self.warmup_steps >= 0, "--max_steps and --warmup_steps must be >= 0")
+        check(0.0 < self.crop_scale <= 1.0, f"--crop_scale must be in (0, 1], got {self.crop_scale}")
+        check(not (self.resume and self.init_from), "use --resume or --init_from, not both")
+        if self.lr < 0:                                       # the recipe (FACTS 1.8); the toy trains
+            self.lr = 6e-3 if self.preset == "toy" else 1.5e-4   # 300 steps, not 301 epochs
+        if self.min_lr < 0:
+            self.min_lr = 1e-4 if self.preset == "toy" else 1e-5
+
+
+MASKERS = {"attention": lambda attn, noise, r: attention_mask(attn, noise, r),
+           "tube": lambda attn, noise, r: tube_mask(noise, r),
+           "random": lambda attn, noise, r: random_mask(noise, r)}
+
+
+def stage1_loss_fn(teachers, cfg, rt):
+    """(student, batch) -> (loss, parts): teachers on the full clip, mask, student on the visible
+    tokens, targets gathered at the same slots (FACTS 1.5, 1.6, 1.9)."""
+    mask_fn = MASKERS[cfg.mask_type]
+
+    def loss_fn(student, batch):
+        video = batch["video"].to(rt.device, non_blocking=True)             # (B, 3, 2T, H, W)
+        tgt = teachers(video)
+        visible = mask_fn(tgt["attn"], batch["mask_noise"].to(rt.device), cfg.mask_ratio)   # (B, 1+Nv)
+        out = student(video[:, :, ::2], visible, distill=True)
+        targets = {"clip": gather_tokens(tgt["clip"], visible), "clip_final": tgt["clip_final"],
+                   "mae": gather_tokens(tgt["mae"], visible[:, 1:] - 1)}
+        return stage1_loss(out, targets, cfg.w_clip, cfg.w_clip_final, cfg.w_mae)
+    return loss_fn
+
+
+def main(argv=None):
+    cfg = parse_config(Stage1Config(), sys.argv[1:] if argv is None else argv, __doc__)
+    rt = setup_runtime(cfg.device, cfg.dtype, cfg.seed)
+    out_dir = Path(cfg.out_dir)
+
+    # ---- data ---------------------------------------------------------------------------------
+    if cfg.data == TOYWORLD and rt.master:
+        make_toyworld(cfg.data)
+    barrier(rt)
+    overrides = {"num_frames": cfg.num_frames}
+    if cfg.img_size:
+        overrides["img_size"] = cfg.img_size
+    if cfg.drop_path >= 0:
+        overrides["drop_path"] = cfg.drop_path
+    vcfg = vision_preset(cfg.preset, **overrides)
+    T, Np = vcfg.grid[0], vcfg.grid[1] * vcfg.grid[2]
+    train_set = VideoTextDataset(Path(cfg.data) / "train.jsonl", 2 * cfg.num_frames, vcfg.img_size, train=True,
+                                 seed=cfg.seed, skip_bad=cfg.skip_bad_samples, noise_grid=(T, Np),
+                                 crop_scale=(cfg.crop_scale, 1.0), hflip=cfg.hflip)
+
+    # ---- teachers (frozen, outside the student) ------------------------------------------------
+    clip_ckpt, mae_ckpt = cfg.clip_teacher_ckpt, cfg.mae_teacher_ckpt
+    if not cfg.random_teachers:
+        default_dir = Path("out/teachers")
+        if cfg.clip_teacher == "toy" and not clip_ckpt:
+            clip_ckpt = str(default_dir / "toy_clip_teacher.pt")
+        if cfg.mae_teacher == "toy" and not mae_ckpt:
+            mae_ckpt = str(default_dir / "toy_mae_teacher.pt")
+        if not (clip_ckpt and mae_ckpt):
+            raise SystemExit("full-size teachers need --clip_teacher_ckpt and --mae_teacher_ckpt "
+                             "(or --random_teachers=True for benchmarking)")
+        missing_toy = [p for p in (clip_ckpt, mae_ckpt) if not Path(p).exists() and "toy_" in Path(p).name]
+        if missing_toy and rt.master:
+            print0(f"toy teachers missing ({', '.join(missing_toy)}): pre-training them on {cfg.data} first")
+            pretrain_toy_teachers(cfg.data, Path(missing_toy[0]).parent, *cfg.teacher_steps, seed=cfg.seed)
+        barrier(rt)
+    teachers = build_teachers(cfg.clip_teacher, cfg.mae_teacher, clip_ckpt or None, mae_ckpt or None)
+    teachers.to(rt.device)
+    check(teachers.clip.cfg.embed_dim == vcfg.clip_teacher_dim and teachers.mae.cfg.embed_dim == vcfg.mae_teacher_dim
+          and teachers.clip.cfg.pool_dim == vcfg.clip_teacher_final_dim,
+          f"the student's heads ({vcfg.clip_teacher_dim}, {vcfg.clip_teacher_final_dim}, {vcfg.mae_teacher_dim}) "
+          f"do not match the teachers' widths; pair toy with toy and full presets with full teachers")
+    check(teachers.clip.cfg.clip_return_layers == vcfg.clip_return_layers
+          and teachers.mae.cfg.mae_return_layers == vcfg.mae_return_layers,
+          "the student and the teachers must return the same number of layers")
+
+    # ---- student, optimizer, resume ----------------------------------------------------------
+    student = InternVideo2(vcfg, with_heads=True).to(rt.device)
+    student.grad_ckpt_blocks = cfg.grad_ckpt_blocks
+    global_batch = cfg.batch_size * cfg.grad_accum * rt.world
+    lr_scale = global_batch / 256                                      # FACTS 1.8
+    optimizer = build_optimizer(student, cfg.lr * lr_scale, cfg.weight_decay, (0.9, cfg.beta2), 1e-6,
+                                student.no_weight_decay(), rt.device.type)
+    scaler = rt.make_scaler()
+    step, nan_guard = 0, NanGuard(cfg.max_nan_in_a_row)
+    if cfg.resume and (out_dir / "ckpt.pt").exists():
+        ck = load_checkpoint(out_dir / "ckpt.pt")
+        student.load_state_dict(ck["model"])
+        optimizer.load_state_dict(ck["optimizer"])
+        if scaler and ck.get("scaler"):
+            scaler.load_state_dict(ck["scaler"])
+        step, nan_guard.total = ck["step"], ck.get("nan_skips", 0)
+        restore_rng(ck, rt)
+        print0(f"resumed from {out_dir / 'ckpt.pt'} at step {step}", rt=rt)
+    elif cfg.init_from:
+        student.load_state_dict(load_checkpoint(cfg.init_from)["model"])
+        print0(f"initialised the student from {cfg.init_from}", rt=rt)
+    log = RunLog(out_dir, cfg, rt, resume=cfg.resume and step > 0)
+    print0(f"student {cfg.preset}:\n{param_table(student)}\nteachers: {cfg.clip_teacher} "
+           f"{count_params(teachers.clip) / 1e6:.2f}M + {cfg.mae_teacher} {count_params(teachers.mae) / 1e6:.2f}M "
+           f"(frozen) | {rt.device} {rt.dtype} world {rt.world} | global batch {global_batch} "
+           f"| lr {cfg.lr * lr_scale:.2e}", rt=rt)
+
+    model = student
+    if cfg.compile:
+        model = torch.compile(model)
+    if rt.ddp:
+        unused = not (cfg.w_clip and cfg.w_clip_final and cfg.w_mae)
+        model = DDP(model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None,
+                    find_unused_parameters=unused)
+
+    # ---- train ---------------------------------------------------------------------------------
+    loss_fn = stage1_loss_fn(teachers, cfg, rt)
+    loader = iter(train_loader(train_set, cfg.batch_size, rt.rank, rt.world, cfg.seed,
+                               start=step * cfg.grad_accum, workers=cfg.workers))
+    last_step = cfg.max_steps if not cfg.stop_after else min(cfg.max_steps, cfg.stop_after)
+    timer, n_bad, history = Timer(rt.device), 0, []
+    from tqdm import tqdm
+    bar = tqdm(total=last_step, initial=step, desc="stage 1", disable=not rt.master, file=sys.stdout,
+               dynamic_ncols=True)
+    student.train()
+    while step < last_step:
+        lr = cosine_lr(step, cfg.max_steps, cfg.warmup_steps, cfg.lr, cfg.min_lr) * lr_scale
+        set_lr(optimizer, lr)
+        micro = [next(loader) for _ in range(cfg.grad_accum)]
+        n_bad += sum(b["n_bad"] for b in micro)
+        loss, parts, gnorm, ok = train_step(model, micro, loss_fn, optimizer, rt, scaler, cfg.grad_clip)
+        nan_guard.update(ok, step)
+        step += 1
+        dt = timer.lap()
+        clips_s = global_batch / dt
+        history.append(loss)
+        bar.update(1)
+        bar.set_postfix_str(" ".join(f"{k} {v:.3f}" for k, v in parts.items()) + f" lr {lr:.1e} {clips_s:.0f} clips/s")
+        if step % cfg.log_every == 0 or step == last_step:
+            log(f"step {step}/{cfg.max_steps} | loss {loss:.4f} ("
+                + " ".join(f"{k} {v:.4f}" for k, v in parts.items())
+                + f") | lr {lr:.2e} | grad norm {gnorm:.3f} | {dt * 1000:.0f} ms | {clips_s:.1f} clips/s")
+        if step % cfg.ckpt_every == 0 or step == last_step:
+            save_checkpoint(out_dir / "ckpt.pt", {
+                "stage": 1, "step": step, "model": unwrap(model).state_dict(),
+                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None,
+                "config": asdict(cfg), "model_config": asdict(vcfg), "nan_skips": nan_guard.total}, rt)
+    bar.close()
+    if n_bad:
+        print0(f"skipped {n_bad} bad samples (+ {train_set.n_bad_lines} malformed lines)", rt=rt)
+
+    # ---- evaluate ------------------------------------------------------------------------------
+    metrics = {"stage": 1, "steps": step, "preset": cfg.preset, "loss_first": history[0] if history else None,
+               "loss_last": sum(history[-10:]) / len(history[-10:]) if history else None,
+               "nan_skips": nan_guard.total, "bad_samples": n_bad}
+    if cfg.eval and step == cfg.max_steps:
+        metrics.update(evaluate_stage1(student, teachers, cfg, vcfg, rt))
+    if rt.master:
+        write_json(out_dir / "metrics.json", metrics)
+        log(f"metrics {metrics}")
+        summary = {k: v for k, v in metrics.items() if k.startswith("probe_acc") or k == "probe_chance"}
+        print0(f"metrics -> {out_dir / 'metrics.json'}: {summary}")
+    cleanup(rt)
+    return metrics
+
+
+def barrier(rt):
+    if rt.ddp:
+        torch.distributed.barrier()
+
+
+@torch.no_grad()
+def evaluate_stage1(student, teachers, cfg, vcfg, rt):
+    """Linear probes per ToyWorld attribute on frozen clip features of the held-out split (FACTS-free:
+    ToyWorld's own protocol), for the trained student, a random-initialised student of the same
+    preset, and each teacher. Needs records with `attrs` (ToyWorld); returns {} otherwise."""
+    kw = dict(img_size=vcfg.img_size, train=False, seed=cfg.seed)
+    sets = {s: VideoTextDataset(Path(cfg.data) / f"{s}.jsonl", 2 * cfg.num_frames, **kw) for s in ("train", "val")}
+    if not all("attrs" in r for r in sets["val"].records):
+        print0("no `attrs` in the held-out samples: skipping the linear probes", rt=rt)
+        return {}
+    torch.manual_seed(cfg.seed)
+    random_init = InternVideo2(vcfg).to(rt.device).eval()
+    student.eval()
+    dev = rt.device
+    feature_fns = {
+        "student": lambda b: student(b["video"].to(dev)[:, :, ::2]),
+        "random_init": lambda b: random_init(b["video"].to(dev)[:, :, ::2]),
+        "teacher_clip": lambda b: teachers.clip(b["video"].to(dev)[:, :, ::2])["clip_final"],
+        "teacher_mae": lambda b: teachers.mae.forward_features(b["video"].to(dev)).mean(1),
+    }
+    out, n_train = {}, min(cfg.probe_train_clips, len(sets["train"]))
+    recs_train, recs_val = sets["train"].records[:n_train], sets["val"].records
+    for name, fn in feature_fns.items():
+        t0 = time.time()
+        f_train = extract_features(fn, sets["train"], rt, limit=n_train)
+        f_val = extract_features(fn, sets["val"], rt)
+        accs = probe_attributes(f_train, recs_train, f_val, recs_val)
+        out[f"probe_acc_{name}"] = sum(accs.values()) / len(accs)
+        out.update({f"probe_{name}_{a}": v for a, v in accs.items()})
+        print0(f"probe {name:<13} mean {out[f'probe_acc_{name}']:.3f} | "
+               + " ".join(f"{a} {v:.3f}" for a, v in accs.items()) + f" | {time.time() - t0:.0f}s", rt=rt)
+    from data import ATTRIBUTES
+    chance = {a: 1 / len(c) for a, c in ATTRIBUTES.items() if f"probe_student_{a}" in out}
+    out["probe_chance"] = sum(chance.values()) / len(chance)
+    out.update({f"probe_chance_{a}": v for a, v in chance.items()})
+    student.train()
+    return out
+
+
+if __name__ == "__main__":
+    main()
