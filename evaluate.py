@@ -78,10 +78,16 @@ def probe_attributes(feat_train, records_train, feat_val, records_val):
 
 if __name__ == "__main__":
     import sys
+    from pathlib import Path
+    from common import load_checkpoint
     args = dict(a[2:].split("=", 1) for a in sys.argv[1:] if a.startswith("--") and "=" in a)
-    if args.get("stage") == "1":
-        import train_stage1
-        print(train_stage1.main([f"--init_from={args['ckpt']}", "--max_steps=0"]
-                                + [a for a in sys.argv[1:] if not a.startswith(("--stage", "--ckpt"))]))
-    else:
-        print("usage: python evaluate.py --stage=1 --ckpt=PATH [--data=...]")
+    if args.get("stage") != "1" or "ckpt" not in args:
+        raise SystemExit("usage: python evaluate.py --stage=1 --ckpt=PATH [stage-1 options, e.g. --data=...]")
+    import train_stage1
+    trained = load_checkpoint(args["ckpt"])["config"]
+    keep = ("data", "preset", "num_frames", "img_size", "clip_teacher", "mae_teacher", "clip_teacher_ckpt",
+            "mae_teacher_ckpt", "seed")
+    argv = [f"--{k}={trained[k]}" for k in keep if k not in args]
+    argv += [a for a in sys.argv[1:] if not a.startswith(("--stage=", "--ckpt="))]
+    argv += [f"--init_from={args['ckpt']}", "--max_steps=0", f"--out_dir={Path(args['ckpt']).parent / 'eval'}"]
+    train_stage1.main(argv)

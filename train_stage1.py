@@ -53,7 +53,7 @@ class Stage1Config:
     clip_teacher_ckpt: str = ""     # "" = out/teachers/toy_clip_teacher.pt for toy (trained if missing)
     mae_teacher_ckpt: str = ""      # "" = out/teachers/toy_mae_teacher.pt for toy (trained if missing)
     random_teachers: bool = False   # random-init teachers (benchmarks, tests); the probe is then meaningless
-    teacher_steps: tuple = (300, 150)  # (image, video) teacher steps when the toy teachers must be pre-trained
+    teacher_steps: tuple = (250, 120)  # (image, video) teacher steps when the toy teachers must be pre-trained
     # masking and loss
     mask_type: str = "attention"    # attention | tube | random (FACTS 1.5)
     mask_ratio: float = 0.8         # fraction of each frame's patches hidden from the student
@@ -63,8 +63,8 @@ class Stage1Config:
     # optimisation (FACTS 1.8)
     batch_size: int = 32            # clips per micro-batch per process
     grad_accum: int = 1             # micro-batches per optimizer step
-    max_steps: int = 300            # optimizer steps (0 = only evaluate the initial weights)
-    warmup_steps: int = 30          # linear warmup from 0
+    max_steps: int = 200            # optimizer steps (0 = only evaluate the initial weights)
+    warmup_steps: int = 20          # linear warmup from 0
     lr: float = -1.0                # peak lr per 256 clips, scaled by global batch / 256; -1 = 1.5e-4 (toy 6e-3)
     min_lr: float = -1.0            # final cosine lr per 256 clips; -1 = 1e-5 (toy 1e-4)
     weight_decay: float = 0.05      # AdamW, not on 1-D params, biases, pos/cls
@@ -84,7 +84,7 @@ class Stage1Config:
     log_every: int = 10             # steps between log.txt lines
     max_nan_in_a_row: int = 5       # non-finite losses in a row that stop the run
     eval: bool = True               # linear-probe evaluation at the end
-    probe_train_clips: int = 1000   # training clips the probes are fitted on
+    probe_train_clips: int = 600    # training clips the probes are fitted on
 
     def validate(self):
         check(self.mask_type in ("attention", "tube", "random"), f"--mask_type must be attention, tube or random, got {self.mask_type!r}")
@@ -209,7 +209,7 @@ def main(argv=None):
     timer, n_bad, history = Timer(rt.device), 0, []
     from tqdm import tqdm
     bar = tqdm(total=last_step, initial=step, desc="stage 1", disable=not rt.master, file=sys.stdout,
-               dynamic_ncols=True)
+               dynamic_ncols=True, mininterval=0.5)
     student.train()
     while step < last_step:
         lr = cosine_lr(step, cfg.max_steps, cfg.warmup_steps, cfg.lr, cfg.min_lr) * lr_scale

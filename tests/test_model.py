@@ -155,3 +155,19 @@ def test_bad_vision_config_is_named():
     m = _toy()
     with pytest.raises(ValueError, match="model was built for"):
         m(torch.zeros(1, 3, 4, 32, 32, dtype=torch.float64))
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    m = _toy()
+    m.train()
+    video = torch.randn(2, 3, 8, 32, 32, dtype=torch.float64)
+    visible = _visible(2, 8, 16, 30)
+    grads = []
+    for n in (0, 3):
+        m.grad_ckpt_blocks = n
+        m.zero_grad()
+        out = m(video, visible, distill=True)
+        (out["clip"].sum() + out["mae"].pow(2).sum() + out["clip_final"].sum()).backward()
+        grads.append([p.grad.clone() for p in m.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)

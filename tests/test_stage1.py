@@ -106,3 +106,22 @@ def test_torchrun_two_processes(toyworld, tmp_path):
     assert "world 2" in (tmp_path / "log.txt").read_text()
     if r.returncode != 0:
         assert "step 2/2" in (tmp_path / "log.txt").read_text(), r.stderr[-4000:]
+
+
+def test_non_finite_loss_skips_the_step_and_stops_after_several():
+    from common import NanGuard
+    rt = Runtime(torch.device("cpu"), torch.float32)
+    net = torch.nn.Linear(3, 1)
+    before = net.weight.clone()
+    opt = torch.optim.SGD(net.parameters(), lr=1.0)
+    nan_fn = lambda m, b: ((m(b) * float("nan")).sum(), {})
+    loss, _, _, ok = train_step(net, [torch.ones(2, 3)], nan_fn, opt, rt)
+    assert not ok and torch.equal(net.weight, before) and net.weight.grad is None
+    guard = NanGuard(limit=3)
+    guard.update(False, 0)
+    guard.update(True, 1)                                    # a good step resets the run of failures
+    guard.update(False, 2)
+    guard.update(False, 3)
+    with pytest.raises(FloatingPointError, match="3 non-finite losses in a row"):
+        guard.update(False, 4)
+    assert guard.total == 4
