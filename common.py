@@ -8,7 +8,8 @@
   logging     print0, log.txt (config, git commit, torch, device), metrics.json, peak FLOPS for MFU
 
 Every stage script reads: cfg = parse_config(Cfg(), argv) -> rt = setup_runtime(...) -> ... -> loop
-with train_step(...) -> save_checkpoint(...). Nothing here imports a stage script.
+with train_step(DDP(WithLoss(model, loss_fn)), ...) -> save_checkpoint(...). Nothing here imports a
+stage script.
 """
 import ast
 import datetime
@@ -225,12 +226,25 @@ def set_lr(optimizer, lr):
 # ------------------------------------------------------------------------------------------------
 # one optimizer step
 
-def train_step(model, micro_batches, loss_fn, optimizer, rt, scaler=None, grad_clip=0.0):
+class WithLoss(torch.nn.Module):
+    """A model and its loss function as one module, so that DDP (whose hooks are set up in its
+    forward) sees the whole loss computation: WithLoss(model, fn)(batch) = fn(model, batch)."""
+
+    def __init__(self, model, fn):
+        super().__init__()
+        self.model, self.fn = model, fn
+
+    def forward(self, batch):
+        return self.fn(self.model, batch)
+
+
+def train_step(model, micro_batches, optimizer, rt, scaler=None, grad_clip=0.0):
     """Forward/backward every micro-batch (DDP gradient sync only on the last one: `no_sync` covers
     forward AND backward), then a NaN/inf guard agreed by all ranks, unscale, clip, step.
 
-    loss_fn(model, batch) -> (loss, {name: tensor}). Returns (loss, parts, grad_norm, ok) as floats;
-    ok False means the step was skipped because some rank saw a non-finite loss."""
+    model(batch) -> (loss, {name: tensor}) (a WithLoss, maybe under DDP). Returns (loss, parts,
+    grad_norm, ok) as floats; ok False means the step was skipped because some rank saw a
+    non-finite loss."""
     n = len(micro_batches)
     total = torch.zeros((), device=rt.device)
     parts = {}
@@ -238,7 +252,7 @@ def train_step(model, micro_batches, loss_fn, optimizer, rt, scaler=None, grad_c
         sync = model.no_sync() if rt.ddp and i < n - 1 else nullcontext()
         with sync:
             with rt.autocast():
-                loss, p = loss_fn(model, batch)
+                loss, p = model(batch)
             (scaler.scale(loss / n) if scaler else loss / n).backward()
         total += loss.detach().float() / n
         for k, v in p.items():
@@ -340,9 +354,77 @@ def restore_rng(ckpt, rt):
 
 
 def unwrap(model):
-    """The raw module under DDP and torch.compile, whose state_dict has no `module.`/`_orig_mod.`."""
+    """The raw network under DDP, WithLoss and torch.compile: its state_dict has no `module.`,
+    `model.` or `_orig_mod.` prefixes."""
     model = getattr(model, "module", model)
+    model = model.model if isinstance(model, WithLoss) else model
     return getattr(model, "_orig_mod", model)
+
+
+def resume(out_dir, model, optimizer, scaler, rt):
+    """Restore <out_dir>/ckpt.pt exactly (weights, optimizer, scaler, RNG of every rank).
+    Returns (step, checkpoint) or (0, None) when there is nothing to resume."""
+    path = Path(out_dir) / "ckpt.pt"
+    if not path.exists():
+        print0(f"--resume: no {path} yet, starting from scratch", rt=rt)
+        return 0, None
+    ck = load_checkpoint(path)
+    model.load_state_dict(ck["model"])
+    optimizer.load_state_dict(ck["optimizer"])
+    if scaler is not None and ck.get("scaler"):
+        scaler.load_state_dict(ck["scaler"])
+    restore_rng(ck, rt)
+    print0(f"resumed from {path} at step {ck['step']}", rt=rt)
+    return ck["step"], ck
+
+
+def training_loop(model, optimizer, loader, rt, cfg, *, step, lr_at, scaler, log, save, desc, clips_per_step,
+                  nan_skips=0):
+    """The loop every stage runs: set lr -> grad_accum micro-batches -> train_step -> NaN guard ->
+    progress bar (loss terms, lr, clips/s) -> log.txt every cfg.log_every -> checkpoint every
+    cfg.ckpt_every and at the end. Stops at cfg.max_steps, or earlier at cfg.stop_after.
+    save(step, nan_skips) writes the checkpoint. Returns {history, n_bad, step, nan_skips}."""
+    from tqdm import tqdm
+    last = cfg.max_steps if not cfg.stop_after else min(cfg.max_steps, cfg.stop_after)
+    guard = NanGuard(cfg.max_nan_in_a_row)
+    guard.total = nan_skips
+    timer, n_bad, history, parts_history = Timer(rt.device), 0, [], []
+    bar = tqdm(total=last, initial=step, desc=desc, disable=not rt.master, file=sys.stdout, dynamic_ncols=True,
+               mininterval=0.5)
+    while step < last:
+        lr = lr_at(step)
+        set_lr(optimizer, lr)
+        micro = [next(loader) for _ in range(cfg.grad_accum)]
+        n_bad += sum(b["n_bad"] for b in micro)
+        loss, parts, gnorm, ok = train_step(model, micro, optimizer, rt, scaler, cfg.grad_clip)
+        guard.update(ok, step)
+        step += 1
+        dt = timer.lap()
+        history.append(loss)
+        parts_history.append(parts)
+        bar.update(1)
+        bar.set_postfix_str(" ".join(f"{k} {v:.3f}" for k, v in parts.items())
+                            + f" lr {lr:.1e} {clips_per_step / dt:.0f} clips/s")
+        if step % cfg.log_every == 0 or step == last:
+            log(f"step {step}/{cfg.max_steps} | loss {loss:.4f} (" + " ".join(f"{k} {v:.4f}" for k, v in parts.items())
+                + f") | lr {lr:.2e} | grad norm {gnorm:.3f} | {dt * 1000:.0f} ms | {clips_per_step / dt:.1f} clips/s")
+        if step % cfg.ckpt_every == 0 or step == last:
+            save(step, guard.total)
+    bar.close()
+    return {"history": history, "parts": parts_history, "n_bad": n_bad, "step": step, "nan_skips": guard.total}
+
+
+def run_summary(result, max_steps):
+    """The metrics every stage reports about its training run: the loss and each of its terms at the
+    first step and averaged over the last 10."""
+    h, parts = result["history"], result.get("parts", [])
+    out = {"steps": result["step"], "loss_first": h[0] if h else None,
+           "loss_last": sum(h[-10:]) / len(h[-10:]) if h else None,
+           "nan_skips": result["nan_skips"], "bad_samples": result["n_bad"], "finished": result["step"] == max_steps}
+    for k in (parts[0] if parts else {}):
+        out[f"loss_first_{k}"] = parts[0][k]
+        out[f"loss_last_{k}"] = sum(p[k] for p in parts[-10:]) / len(parts[-10:])
+    return out
 
 
 # ------------------------------------------------------------------------------------------------

@@ -10,7 +10,8 @@ The real data format (DESIGN.md) is a JSONL file, one sample per line, paths rel
 (ToyWorld's `attrs`) is carried along untouched.
 
 ToyWorld is the embedded default: a seeded generator of 32x32, 16-frame clips of one shape (4 shapes,
-6 colours, 2 sizes) moving in one of 4 directions at one of 2 speeds over a textured background,
+6 colours, 2 sizes) moving in one of 4 directions at one of 2 speeds, with a motion trail, over a
+textured background,
 with a 1 s, 16 kHz sound track (a beep whose timbre follows the shape, pitch the size and rhythm
 the speed, then two synthetic "spoken" words) and every caption type. It is written to disk in the
 real format, so the real reader is what every run uses.
@@ -19,8 +20,9 @@ real format, so the real reader is what every run uses.
 """
 import json
 import math
-import os
+import re
 import sys
+import unicodedata
 import zlib
 from pathlib import Path
 
@@ -45,7 +47,7 @@ COLORS = {"red": (220, 45, 45), "green": (50, 200, 70), "blue": (60, 90, 235),
           "yellow": (235, 215, 50), "purple": (170, 70, 210), "white": (235, 235, 235)}
 SIZES = {"small": 3.8, "large": 6.0}               # radius in pixels at 32 px
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
-SPEEDS = {"slowly": 0.4, "quickly": 1.0}            # pixels per frame over 16 frames
+SPEEDS = {"slowly": 0.5, "quickly": 1.1}            # pixels per frame over 16 frames
 TIMBRES = {"circle": "whistle", "square": "buzz", "triangle": "horn", "cross": "bell"}
 PITCHES = {"small": ("high", 880.0), "large": ("low", 330.0)}
 WORDS = ["apple", "river", "stone", "cloud", "tiger", "lemon", "piano", "rocket"]
@@ -55,9 +57,14 @@ ATTRIBUTES = {"shape": SHAPES, "color": list(COLORS), "size": list(SIZES),
 QUESTIONS = {"shape": "what shape is the object?", "color": "what color is the object?",
              "size": "is the object small or large?", "direction": "which way is the object moving?",
              "speed": "is the object moving slowly or quickly?"}
+# what each caption type says about a clip: ToyWorld's retrieval positives share these attributes
+CAPTION_ATTRS = {"caption": ("shape", "color", "size", "direction", "speed"),
+                 "audio_caption": ("shape", "size", "speed"),
+                 "avs_caption": ("shape", "color", "size", "direction", "speed", "words")}
 VIDEO_TEMPLATES = ["a {size} {color} {shape} moving {direction} {speed}",
                    "a {color} {shape}, {size}, moves {direction} {speed}",
                    "the {size} {color} {shape} goes {direction} {speed}"]
+CAPTION_PROMPTS = ["describe the video.", "what happens in the video?", "give a short caption of the video."]
 FRAMES, SIZE_PX, SAMPLE_RATE, AUDIO_SECONDS = 16, 32, 16000, 1.0
 
 
@@ -90,10 +97,16 @@ def _render_frames(a, rng):
     color = np.array(COLORS[a["color"]], dtype=np.float64)
     frames = np.empty((FRAMES, SIZE_PX, SIZE_PX, 3), dtype=np.uint8)
     for t in range(FRAMES):
-        cx, cy = start[0] + ux * speed * t, start[1] + uy * speed * t
-        cover = _shape_mask(a["shape"], cx, cy, r, yy, xx).astype(np.float64)
-        cover = cover.reshape(SIZE_PX, ss, SIZE_PX, ss).mean((1, 3))[..., None]   # (32, 32, 1)
-        frames[t] = np.clip(bg * (1 - cover) + color * cover, 0, 255).astype(np.uint8)
+        img = bg.copy()
+        # a fading motion trail (motion blur) behind the object: its length grows with speed, so a
+        # single frame shows direction and speed, not only the comparison of frames
+        for k, alpha in ((3, 0.2), (2, 0.35), (1, 0.5), (0, 1.0)):
+            back = k * speed * 2.0
+            cx, cy = start[0] + ux * (speed * t - back), start[1] + uy * (speed * t - back)
+            cover = _shape_mask(a["shape"], cx, cy, r, yy, xx).astype(np.float64)
+            cover = alpha * cover.reshape(SIZE_PX, ss, SIZE_PX, ss).mean((1, 3))[..., None]   # (32, 32, 1)
+            img = img * (1 - cover) + color * cover
+        frames[t] = np.clip(img, 0, 255).astype(np.uint8)
     return frames
 
 
@@ -178,7 +191,7 @@ def make_toyworld(root="data/toyworld", n_train=2000, n_val=500, seed=0, workers
     """Write ToyWorld to `root` (train.jsonl, val.jsonl, videos/, audio/, meta.json) unless a copy
     with the same settings is already there. Returns the root as a Path."""
     root = Path(root)
-    meta = {"version": 2, "n_train": n_train, "n_val": n_val, "seed": seed}
+    meta = {"version": 5, "n_train": n_train, "n_val": n_val, "seed": seed}
     if (root / "meta.json").exists() and json.loads((root / "meta.json").read_text()).get("settings") == meta:
         return root
     (root / "videos").mkdir(parents=True, exist_ok=True)
@@ -197,6 +210,8 @@ def make_toyworld(root="data/toyworld", n_train=2000, n_val=500, seed=0, workers
             for s in samples:
                 if s["id"].startswith(split):
                     f.write(json.dumps(s) + "\n")
+    build_vocab([s[k] for s in samples for k in TEXT_KEYS] + [t for s in samples for qa in s["qa"] for t in qa.values()]
+                + [" ".join(v) for v in ATTRIBUTES.values()] + CAPTION_PROMPTS, root / "vocab.txt")
     chance = {k: 1.0 / len(v) for k, v in ATTRIBUTES.items()}
     (root / "meta.json").write_text(json.dumps({"settings": meta, "attributes": ATTRIBUTES,
                                                 "chance": chance}, indent=1))
@@ -442,6 +457,381 @@ def eval_loader(dataset, batch_size, rank=0, world=1, workers=0):
     batches = [idx[i:i + batch_size] for i in range(0, len(idx), batch_size)]
     return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers,
                                        collate_fn=collate)
+
+
+# ------------------------------------------------------------------------------------------------
+# text: a WordPiece tokenizer that reads a standard BERT vocab.txt (FACTS 2.3)
+
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def _is_punct(ch):
+    cp = ord(ch)
+    return 33 <= cp <= 47 or 58 <= cp <= 64 or 91 <= cp <= 96 or 123 <= cp <= 126 or \
+        unicodedata.category(ch).startswith("P")
+
+
+def _is_cjk(cp):
+    return any(lo <= cp <= hi for lo, hi in ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF),
+                                             (0x2A700, 0x2B73F), (0x2B740, 0x2B81F), (0x2B820, 0x2CEAF),
+                                             (0xF900, 0xFAFF), (0x2F800, 0x2FA1F)))
+
+
+def basic_tokenize(text, lowercase=True):
+    """BERT's basic tokenizer: drop control characters, isolate CJK characters, split on whitespace,
+    lower-case and strip accents (uncased), split off every punctuation character."""
+    chars = []
+    for ch in text:
+        cp = ord(ch)
+        if cp == 0 or cp == 0xFFFD or (unicodedata.category(ch).startswith("C") and ch not in "\t\n\r"):
+            continue
+        chars.append(f" {ch} " if _is_cjk(cp) else (" " if ch.isspace() else ch))
+    out = []
+    for word in "".join(chars).split():
+        if lowercase:
+            word = "".join(c for c in unicodedata.normalize("NFD", word.lower()) if unicodedata.category(c) != "Mn")
+        piece = ""
+        for ch in word:
+            if _is_punct(ch):
+                out += [piece] if piece else []
+                out.append(ch)
+                piece = ""
+            else:
+                piece += ch
+        out += [piece] if piece else []
+    return out
+
+
+class WordPieceTokenizer:
+    """Uncased BERT tokenisation: basic_tokenize, then greedy longest-match-first WordPiece with `##`
+    continuation pieces; a word with no segmentation (or over 100 characters) becomes [UNK]."""
+
+    def __init__(self, vocab_file, lowercase=True):
+        path = Path(vocab_file)
+        if not path.exists():
+            raise DataError(f"vocabulary {path} does not exist")
+        self.itos = [line.rstrip("\n") for line in open(path, encoding="utf-8")]
+        self.vocab = {tok: i for i, tok in enumerate(self.itos)}
+        missing = [t for t in SPECIALS if t not in self.vocab]
+        if missing:
+            raise DataError(f"vocabulary {path} lacks the special tokens {missing}")
+        self.lowercase = lowercase
+        self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id = (self.vocab[t] for t in SPECIALS)
+
+    def __len__(self):
+        return len(self.itos)
+
+    def wordpiece(self, word):
+        if len(word) > 100:
+            return ["[UNK]"]
+        pieces, start = [], 0
+        while start < len(word):
+            end = len(word)
+            while end > start:
+                sub = ("##" if start else "") + word[start:end]
+                if sub in self.vocab:
+                    break
+                end -= 1
+            if end == start:
+                return ["[UNK]"]
+            pieces.append(sub)
+            start = end
+        return pieces
+
+    def tokenize(self, text):
+        return [p for w in basic_tokenize(text, self.lowercase) for p in self.wordpiece(w)]
+
+    def encode(self, texts, max_len):
+        """list of str -> ids (B, max_len) as [CLS] tokens [SEP] [PAD]..., and the 1/0 padding mask."""
+        ids = torch.full((len(texts), max_len), self.pad_id, dtype=torch.long)
+        for b, t in enumerate(texts):
+            toks = [self.cls_id] + [self.vocab[p] for p in self.tokenize(t)][:max_len - 2] + [self.sep_id]
+            ids[b, :len(toks)] = torch.tensor(toks)
+        return ids, (ids != self.pad_id).long()
+
+    def decode(self, ids):
+        words = []
+        for i in ids:
+            tok = self.itos[int(i)]
+            if tok in SPECIALS:
+                continue
+            if tok.startswith("##") and words:
+                words[-1] += tok[2:]
+            else:
+                words.append(tok)
+        return " ".join(words)
+
+
+def build_vocab(texts, path):
+    """A WordPiece vocabulary for a small corpus: the specials, every word seen, and every character
+    (as itself and as a `##` continuation) so that unseen words still split into known pieces."""
+    words, chars = set(), set()
+    for t in texts:
+        for w in basic_tokenize(t):
+            words.add(w)
+            chars.update(w)
+    vocab = SPECIALS + sorted(words) + sorted(chars - words) + sorted("##" + c for c in chars)
+    Path(path).write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    return path
+
+
+# ------------------------------------------------------------------------------------------------
+# audio: Kaldi-compatible fbank in torch, reading and resampling (FACTS 2.4)
+
+def _mel_banks(n_mels, n_fft, sr, low_freq=20.0, high_freq=0.0):
+    """Kaldi's triangular filters, equally spaced on the mel scale 1127 ln(1 + f/700): (n_mels, n_fft//2)."""
+    mel = lambda f: 1127.0 * torch.log1p(f / 700.0)
+    high = high_freq if high_freq > 0 else sr / 2 + high_freq
+    lo, hi = mel(torch.tensor(low_freq)), mel(torch.tensor(high))
+    delta = (hi - lo) / (n_mels + 1)
+    b = torch.arange(n_mels)[:, None].float()
+    left, center, right = lo + b * delta, lo + (b + 1) * delta, lo + (b + 2) * delta
+    f = mel(sr / n_fft * torch.arange(n_fft // 2).float())[None]
+    return torch.clamp(torch.minimum((f - left) / (center - left), (right - f) / (right - center)), min=0)
+
+
+def kaldi_fbank(wave, sr=16000, n_mels=64, frame_ms=25.0, shift_ms=10.0):
+    """Log mel filterbank energies exactly as Kaldi / torchaudio.compliance.kaldi.fbank with its
+    defaults: frames of 25 ms every 10 ms (edges snipped), DC offset removed, pre-emphasis 0.97, a
+    Povey window (Hann^0.85), zero-padded to a power-of-two FFT, power spectrum, mel filters from 20 Hz
+    to Nyquist, natural log floored at float32 eps. wave: (N,) float -> (frames, n_mels) float32."""
+    wave = wave.float()
+    size, shift = int(sr * frame_ms / 1000), int(sr * shift_ms / 1000)
+    if wave.numel() < size:
+        raise DataError(f"audio of {wave.numel()} samples is shorter than one {frame_ms:.0f} ms frame")
+    n_fft = 1 << (size - 1).bit_length()
+    frames = wave.unfold(0, size, shift)                                    # (m, size), snip_edges
+    frames = frames - frames.mean(1, keepdim=True)
+    frames = frames - 0.97 * torch.cat([frames[:, :1], frames[:, :-1]], dim=1)
+    frames = frames * torch.hann_window(size, periodic=False).pow(0.85)
+    power = torch.fft.rfft(F.pad(frames, (0, n_fft - size))).abs().pow(2)   # (m, n_fft/2 + 1)
+    mel = power[:, :-1] @ _mel_banks(n_mels, n_fft, sr).t()                 # Nyquist bin has no filter
+    return torch.log(mel.clamp_min(torch.finfo(torch.float32).eps))
+
+
+def resample(wave, sr_in, sr_out):
+    """Band-limited resampling of a (N,) signal by truncating or zero-padding its spectrum."""
+    n_out = int(round(wave.numel() * sr_out / sr_in))
+    spec = torch.fft.rfft(wave.double())
+    keep = min(spec.numel(), n_out // 2 + 1)
+    out = torch.zeros(n_out // 2 + 1, dtype=spec.dtype)
+    out[:keep] = spec[:keep]
+    return (torch.fft.irfft(out, n=n_out) * n_out / wave.numel()).float()
+
+
+FBANK_MEAN, FBANK_STD = 15.41663, 6.55582      # InternVideo2's normalisation (FACTS 2.4)
+
+
+def load_fbank(path, frames, train, rng=None, sr=16000, allow_resample=False, n_mels=64):
+    """Audio file -> normalised fbank (frames, n_mels), as the official loader: mono, 16 kHz, a crop
+    of frames x 10 ms (random in training, from the start otherwise), x 2^15, Kaldi fbank,
+    (x - 15.41663) / (2 * 6.55582), zero-padded to `frames`. Other sample rates are resampled when
+    allowed, else refused with a message naming the file."""
+    import soundfile as sf
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: audio file does not exist")
+    try:
+        wave, file_sr = sf.read(str(path), dtype="float32", always_2d=True)
+    except Exception as e:
+        raise DataError(f"{path}: cannot read audio ({type(e).__name__}: {e})") from None
+    wave = torch.from_numpy(wave).mean(1)                                   # mono
+    if file_sr != sr:
+        if not allow_resample:
+            raise DataError(f"{path}: sample rate {file_sr} Hz, the audio pipeline needs {sr} Hz; resample the "
+                            f"file (ffmpeg -i in -ar {sr} out.wav) or pass --resample_audio=True")
+        wave = resample(wave, file_sr, sr)
+    max_len = (frames - 1) * (sr // 100) + sr * 25 // 1000                  # samples giving `frames` frames
+    if wave.numel() > max_len:
+        start = int(rng.integers(0, wave.numel() - max_len + 1)) if train else 0
+        wave = wave[start:start + max_len]
+    if wave.numel() < sr * 25 // 1000:
+        wave = F.pad(wave, (0, sr * 25 // 1000 - wave.numel()))
+    fb = (kaldi_fbank(wave * 2 ** 15, sr, n_mels) - FBANK_MEAN) / (2 * FBANK_STD)
+    return F.pad(fb, (0, 0, 0, frames - fb.shape[0]))
+
+
+def positive_id(rec, caption_key):
+    """The id that makes two samples positives of each other for a caption type: the sample itself
+    (its `id`), as the official's dataset index; on ToyWorld, the attributes that caption type
+    describes, since its clips repeat attribute sets and a clip with the same description is no
+    negative (FACTS 2.6: multi-positive targets from sample ids). A stable int64 hash."""
+    attrs = rec.get("attrs")
+    if attrs and caption_key in CAPTION_ATTRS:
+        key = "|".join(str(attrs[a]) for a in CAPTION_ATTRS[caption_key])
+    else:
+        key = f"{rec.get('_root')}|{rec.get('id', rec.get('_line'))}"
+    return zlib.crc32(key.encode())
+
+
+def stage2_fields(tokenizer, caption_keys, max_len, audio_frames=0, train=True, allow_resample=False):
+    """The dataset's `extra` for stage 2: every caption type a loss needs, tokenised (ids_<key>,
+    mask_<key>) with its positive id (pos_<key>), and the audio fbank when audio_frames > 0.
+    A missing caption raises DataError."""
+    def extra(rec, rng):
+        out = {}
+        for key in caption_keys:
+            text = rec.get(key)
+            if not isinstance(text, str) or not text.strip():
+                raise DataError(f"empty or missing {key!r}")
+            ids, mask = tokenizer.encode([text], max_len)
+            out[f"ids_{key}"], out[f"mask_{key}"], out[f"pos_{key}"] = ids[0], mask[0], positive_id(rec, key)
+        if audio_frames:
+            if not rec.get("audio"):
+                raise DataError("no 'audio' field, but an audio loss is enabled")
+            out["fbank"] = load_fbank(Path(rec["_root"]) / rec["audio"], audio_frames, train, rng,
+                                      allow_resample=allow_resample)
+        return out
+    return extra
+
+
+# ------------------------------------------------------------------------------------------------
+# stage 3: LLM tokenizers (one small interface) and the instruction format (FACTS 3)
+
+class ToyLLMTokenizer:
+    """The toy LLM's tokenizer: the data's WordPiece vocabulary plus the LLM specials, with the chat
+    tags as single tokens. Every LLM tokenizer offers the same small interface: encode(text) -> ids
+    without BOS/EOS, decode(ids) -> text, bos_id, eos_id, pad_id, len()."""
+
+    SPECIALS = ["<pad>", "<unk>", "<s>", "</s>", "[INST]", "[/INST]", "<Video>", "</Video>"]
+
+    def __init__(self, vocab_file):
+        self.wp = WordPieceTokenizer(vocab_file)
+        self.itos = self.SPECIALS + [t for t in self.wp.itos if t not in SPECIALS]
+        self.stoi = {t: i for i, t in enumerate(self.itos)}
+        self.pad_id, self.unk_id, self.bos_id, self.eos_id = 0, 1, 2, 3
+
+    def __len__(self):
+        return len(self.itos)
+
+    def encode(self, text):
+        ids = []
+        for part in re.split(r"(\[INST\]|\[/INST\]|<Video>|</Video>|</s>|<s>)", text):
+            if part in self.stoi and part in self.SPECIALS:
+                ids.append(self.stoi[part])
+            elif part.strip():
+                ids += [self.stoi.get(p, self.unk_id) for p in self.wp.tokenize(part)]
+        return ids
+
+    def decode(self, ids):
+        words = []
+        for i in ids:
+            tok = self.itos[int(i)]
+            if tok in self.SPECIALS:
+                continue
+            if tok.startswith("##") and words:
+                words[-1] += tok[2:]
+            else:
+                words.append(tok)
+        return " ".join(words).replace(" .", ".").replace(" ?", "?").replace(" ,", ",")
+
+
+class SentencePieceTokenizer:
+    """A real LLM's SentencePiece model (Mistral, LLaMA: tokenizer.model); needs `pip install sentencepiece`."""
+
+    def __init__(self, model_file):
+        try:
+            import sentencepiece
+        except ImportError:
+            raise DataError("this LLM tokenizer needs SentencePiece: pip install sentencepiece") from None
+        self.sp = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
+        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
+        self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else self.eos_id
+
+    def __len__(self):
+        return self.sp.get_piece_size()
+
+    def encode(self, text):
+        return self.sp.encode(text)
+
+    def decode(self, ids):
+        return self.sp.decode([int(i) for i in ids])
+
+
+class TiktokenTokenizer:
+    """A tiktoken encoding (e.g. cl100k_base); needs `pip install tiktoken`. BOS/EOS are its end-of-text."""
+
+    def __init__(self, name):
+        try:
+            import tiktoken
+        except ImportError:
+            raise DataError("this LLM tokenizer needs tiktoken: pip install tiktoken") from None
+        self.enc = tiktoken.get_encoding(name)
+        self.bos_id = self.eos_id = self.pad_id = self.enc.eot_token
+
+    def __len__(self):
+        return self.enc.n_vocab
+
+    def encode(self, text):
+        return self.enc.encode(text, disallowed_special=())
+
+    def decode(self, ids):
+        return self.enc.decode([int(i) for i in ids])
+
+
+def load_llm_tokenizer(spec):
+    """'toy:<vocab.txt>' | 'sentencepiece:<tokenizer.model>' | 'tiktoken:<encoding name>'."""
+    kind, _, arg = spec.partition(":")
+    table = {"toy": ToyLLMTokenizer, "sentencepiece": SentencePieceTokenizer, "tiktoken": TiktokenTokenizer}
+    if kind not in table or not arg:
+        raise DataError(f"LLM tokenizer {spec!r}: use toy:<vocab.txt>, sentencepiece:<file> or tiktoken:<name>")
+    return table[kind](arg)
+
+
+CHAT_HEAD = "[INST] <Video>"
+
+
+def video_index(tok):
+    """Where the visual embeddings start in every conversation: after BOS and the chat head."""
+    return 1 + len(tok.encode(CHAT_HEAD))
+
+
+def build_chat(tok, turns, n_visual, max_len):
+    """The VideoChat2 instruction format (FACTS 3), with the visual embeddings spliced after <Video>:
+        <s> [INST] <Video> {n_visual slots} </Video> [/INST] ( [INST] q [/INST] a </s>)*
+    turns: [(question, answer)]. Returns ids (max_len,), labels (max_len,) with -100 everywhere but
+    the answer tokens and their </s>, mask (max_len,), and the index of the first visual slot. The
+    visual slots hold pad ids: the model overwrites their embeddings."""
+    head = [tok.bos_id] + tok.encode(CHAT_HEAD)
+    ids = head + [tok.pad_id] * n_visual + tok.encode("</Video> [/INST]")
+    labels = [-100] * len(ids)
+    for q, a in turns:
+        prompt = tok.encode(f" [INST] {q} [/INST]")
+        answer = (tok.encode(f" {a}") + [tok.eos_id]) if a is not None else []
+        ids += prompt + answer
+        labels += [-100] * len(prompt) + answer
+    if len(ids) > max_len:
+        raise DataError(f"conversation of {len(ids)} tokens exceeds --max_llm_len={max_len}")
+    pad = max_len - len(ids)
+    t = lambda x, fill: torch.tensor(x + [fill] * pad, dtype=torch.long)
+    return t(ids, tok.pad_id), t(labels, -100), t([1] * len(ids), 0), len(head)
+
+
+def stage3_tasks(rec, substage, rng):
+    """The conversation a sample gives each sub-stage: the caption for alignment and for the
+    vision-language connection (with a captioning instruction), a random QA pair or the caption
+    for instruction tuning."""
+    caption = rec.get("caption", "")
+    if not caption.strip():
+        raise DataError("empty or missing 'caption'")
+    describe = CAPTION_PROMPTS[int(rng.integers(len(CAPTION_PROMPTS)))]
+    if substage in (1, 2) or not rec.get("qa"):
+        return describe, caption
+    options = [(describe, caption)] + [(qa["q"], qa["a"]) for qa in rec["qa"]]
+    return options[int(rng.integers(len(options)))]
+
+
+def stage3_fields(llm_tok, bert_tok, substage, n_visual, max_llm_len, max_text_len):
+    """The dataset's `extra` for stage 3: the instruction (BERT-tokenised, for the Q-Former) and the
+    whole conversation (LLM-tokenised) of this sample's task, and the caption for sub-stage 1."""
+    def extra(rec, rng):
+        q, a = stage3_tasks(rec, substage, rng)
+        ids, labels, mask, _ = build_chat(llm_tok, [(q, a)], n_visual, max_llm_len)
+        qf_ids, qf_mask = bert_tok.encode([q], max_text_len)
+        cap_ids, cap_mask = bert_tok.encode([rec["caption"]], max_text_len)
+        return {"llm_ids": ids, "llm_labels": labels, "llm_mask": mask, "qf_ids": qf_ids[0], "qf_mask": qf_mask[0],
+                "ids_caption": cap_ids[0], "mask_caption": cap_mask[0], "pos_caption": positive_id(rec, "caption")}
+    return extra
 
 
 # ------------------------------------------------------------------------------------------------

@@ -4,9 +4,16 @@
   linear_probe       multinomial logistic regression (L-BFGS) on frozen features, weight decay
                      picked on a split of the training features
   probe_attributes   a probe per ToyWorld attribute (shape, color, size, direction, speed)
+  evaluate_stage2    zero-shot retrieval text<->video/audio/audio+video, VTM re-ranking of the top k,
+                     zero-shot classification with prompt templates (FACTS 5.1, 5.2)
+  evaluate_stage3    held-out QA accuracy per question type and caption accuracy, by generation
 
-    python evaluate.py --stage=1 --ckpt=out/stage1/ckpt.pt     # probe a stage-1 student again
+Each stage script evaluates a checkpoint on its own with `--init_from=<ckpt> --max_steps=0`:
+    python train_stage1.py --init_from=out/stage1/ckpt.pt --max_steps=0 --out_dir=out/stage1_eval
 """
+import re
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 
@@ -76,18 +83,205 @@ def probe_attributes(feat_train, records_train, feat_val, records_val):
     return out
 
 
-if __name__ == "__main__":
-    import sys
-    from pathlib import Path
-    from common import load_checkpoint
-    args = dict(a[2:].split("=", 1) for a in sys.argv[1:] if a.startswith("--") and "=" in a)
-    if args.get("stage") != "1" or "ckpt" not in args:
-        raise SystemExit("usage: python evaluate.py --stage=1 --ckpt=PATH [stage-1 options, e.g. --data=...]")
-    import train_stage1
-    trained = load_checkpoint(args["ckpt"])["config"]
-    keep = ("data", "preset", "num_frames", "img_size", "clip_teacher", "mae_teacher", "clip_teacher_ckpt",
-            "mae_teacher_ckpt", "seed")
-    argv = [f"--{k}={trained[k]}" for k in keep if k not in args]
-    argv += [a for a in sys.argv[1:] if not a.startswith(("--stage=", "--ckpt="))]
-    argv += [f"--init_from={args['ckpt']}", "--max_steps=0", f"--out_dir={Path(args['ckpt']).parent / 'eval'}"]
-    train_stage1.main(argv)
+# ------------------------------------------------------------------------------------------------
+# stage 2: zero-shot retrieval with VTM re-ranking, zero-shot classification (FACTS 5.1, 5.2)
+
+def recall_at_k(sim, gt, ks=(1, 5, 10)):
+    """sim, gt: (queries, gallery); gt True where the gallery item is a positive. A query counts at k
+    when its best-ranked positive is in the top k (the official rule for several ground truths)."""
+    order = sim.argsort(dim=1, descending=True)
+    first_hit = gt.gather(1, order).float().argmax(1)            # rank of the best-ranked positive
+    return {k: float((first_hit < k).float().mean()) for k in ks}
+
+
+def chance_r1(gt):
+    """Expected R@1 of a random ranking: mean over queries of (positives / gallery size)."""
+    return float(gt.float().mean(1).mean())
+
+
+def retrieval(prefix, sim, gt):
+    """{prefix_r1, _r5, _r10, _r1_chance} for text->X (rows of sim) and X->text (columns)."""
+    a, b = prefix.split("2")
+    out = {}
+    for name, s, g in ((prefix, sim, gt), (f"{b}2{a}", sim.t(), gt.t())):
+        out.update({f"{name}_r{k}": v for k, v in recall_at_k(s, g).items()})
+        out[f"{name}_r1_chance"] = chance_r1(g)
+    return out
+
+
+@torch.no_grad()
+def rerank(sim, k, score_fn, rt, chunk=128):
+    """Official VTM re-ranking (FACTS 5.1): for every query row keep its top-k gallery items by the
+    dual-encoder score, score them with score_fn(query index, gallery indices) -> raw matching logits,
+    and set every other item to -100. Rows are sharded over ranks and gathered."""
+    k = min(k, sim.shape[1])
+    out = torch.full_like(sim, -100.0)
+    rows = list(range(rt.rank, sim.shape[0], rt.world))
+    local = {}
+    for i in rows:
+        top = sim[i].topk(k).indices
+        local[i] = (top, torch.cat([score_fn(i, top[j:j + chunk]) for j in range(0, k, chunk)]).float().cpu())
+    for part in gather_objects(local, rt):
+        for i, (top, score) in part.items():
+            out[i, top] = score
+    return out
+
+
+def _gt(records, caption_key):
+    """(N, N) positives: the same positive id (the sample itself; on ToyWorld the same described
+    attributes, as in training)."""
+    from data import positive_id
+    codes = torch.tensor([positive_id(r, caption_key) for r in records])
+    return codes[:, None] == codes[None, :]
+
+
+@torch.no_grad()
+def evaluate_stage2(model, tok, cfg, vcfg, acfg, rt):
+    """Held-out zero-shot evaluation of a stage-2 model: unmasked 4-frame clips (middle frames),
+    cosine retrieval text<->video, text<->audio, text<->audio+video, VTM re-ranking of the top k,
+    and zero-shot classification of ToyWorld's motion classes with prompt templates averaged."""
+    from data import DIRECTIONS, SPEEDS, VideoTextDataset, stage2_fields
+    model.eval()
+    keys = ["caption"] + (["audio_caption", "avs_caption"] if acfg else [])
+    ds = VideoTextDataset(Path(cfg.data) / "val.jsonl", cfg.num_frames, vcfg.img_size, train=False, seed=cfg.seed,
+                          extra=stage2_fields(tok, keys, cfg.max_text_len, acfg.frames if acfg else 0, False,
+                                              cfg.resample_audio))
+    dev, local = rt.device, []
+    for batch in eval_loader(ds, cfg.eval_batch, rt.rank, rt.world):
+        with rt.autocast():
+            v_mem, v_emb = model.encode_video(batch["video"].to(dev))
+            row = {"idx": batch["idx"], "v_mem": v_mem.float().cpu(), "v_emb": v_emb.float().cpu()}
+            for key in keys:
+                ids, mask = batch[f"ids_{key}"].to(dev), batch[f"mask_{key}"].to(dev)
+                states, emb = model.encode_text(ids, mask)
+                row.update({f"states_{key}": states.float().cpu(), f"mask_{key}": mask.cpu(), f"emb_{key}": emb.float().cpu()})
+            if acfg:
+                a_mem, a_emb = model.encode_audio(batch["fbank"].to(dev))
+                row.update(a_mem=a_mem.float().cpu(), a_emb=a_emb.float().cpu(),
+                           av_emb=model.fuse_av(a_emb, v_emb).float().cpu())
+        local.append(row)
+    rows = [r for part in gather_objects(local, rt) for r in part]
+    order = torch.cat([r["idx"] for r in rows]).argsort()
+    f = {k: torch.cat([r[k] for r in rows])[order] for k in rows[0] if k != "idx"}
+    norm = lambda x: F.normalize(x, dim=-1)
+    recs, out = ds.records, {}
+
+    # text <-> video, then VTM re-ranking of the top k by the raw matching logit
+    sim = norm(f["emb_caption"]) @ norm(f["v_emb"]).t()                        # (texts, videos)
+    gt = _gt(recs, "caption")
+    out.update(retrieval("t2v", sim, gt))
+
+    def score(ti, vi):                                         # (text, video) pairs -> "match" logit
+        with rt.autocast():
+            logits = model.match_logits(f["states_caption"][ti].to(dev), f["mask_caption"][ti].to(dev),
+                                        f["v_mem"][vi].to(dev))
+        return logits[:, 1]
+    t2v = rerank(sim, cfg.rerank_k, lambda i, top: score(torch.full_like(top, i), top), rt)
+    v2t = rerank(sim.t(), cfg.rerank_k, lambda j, top: score(top, torch.full_like(top, j)), rt)
+    for name, s, g in (("t2v", t2v, gt), ("v2t", v2t, gt.t())):
+        out.update({f"{name}_r{k}_rerank": v for k, v in recall_at_k(s, g).items()})
+
+    if acfg:                                                                    # text <-> audio, audio+video
+        out.update(retrieval("t2a", norm(f["emb_audio_caption"]) @ norm(f["a_emb"]).t(), _gt(recs, "audio_caption")))
+        out.update(retrieval("t2av", norm(f["emb_avs_caption"]) @ norm(f["av_emb"]).t(), _gt(recs, "avs_caption")))
+
+    if all("attrs" in r for r in recs):                                         # zero-shot motion classes
+        classes = [f"{d} {s}" for d in DIRECTIONS for s in SPEEDS]
+        templates = ["something moving {}", "a video of an object moving {}", "an object that moves {}", "{}"]
+        prompts = [t.format(c) for c in classes for t in templates]
+        ids, mask = tok.encode(prompts, cfg.max_text_len)
+        with rt.autocast():
+            emb = norm(model.encode_text(ids.to(dev), mask.to(dev))[1].float().cpu())
+        emb = emb.view(len(classes), len(templates), -1)
+        scores = torch.einsum("vd,ctd->vct", norm(f["v_emb"]), emb).mean(2)    # cosine averaged over prompts
+        truth = torch.tensor([classes.index(f"{r['attrs']['direction']} {r['attrs']['speed']}") for r in recs])
+        out["zeroshot_cls_acc"] = float((scores.argmax(1) == truth).float().mean())
+        out["zeroshot_cls_chance"] = 1 / len(classes)
+    model.train()
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# stage 3: held-out QA and captioning by generation
+
+def _words(text):
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
+@torch.no_grad()
+def answer_questions(model, video_tokens, questions, llm_tok, bert_tok, max_llm_len, max_text_len, video_at,
+                     qformer_text_input=True, max_new_tokens=8, temperature=0.0, top_p=1.0):
+    """One question per clip -> the model's answers (str), decoding with the KV cache. Prompts of
+    different lengths are left-padded after their embeddings are built."""
+    from data import build_chat
+    from model import generate
+    n_visual = model.qformer.cfg.num_query + model.qformer.cfg.extra_query
+    rows = [build_chat(llm_tok, [(q, None)], n_visual, max_llm_len) for q in questions]
+    ids, mask = torch.stack([r[0] for r in rows]), torch.stack([r[2] for r in rows])
+    dev = video_tokens.device
+    instr = tuple(x.to(dev) for x in bert_tok.encode(questions, max_text_len)) if qformer_text_input else (None, None)
+    emb = model.chat_embeds(ids.to(dev), model.visual_embeds(video_tokens, *instr), video_at)
+    lengths, L = mask.sum(1), int(mask.sum(1).max())
+    shift = (L - lengths)[:, None]                                   # right-padded -> left-padded
+    src = (torch.arange(L)[None] - shift).clamp_min(0)
+    emb = emb[:, :L].gather(1, src[..., None].expand(-1, -1, emb.shape[-1]).to(dev))
+    left_mask = (torch.arange(L)[None] >= shift).long().to(dev)
+    out = generate(model.llm, emb, left_mask, max_new_tokens, llm_tok.eos_id, temperature, top_p)
+    answers = []
+    for row in out.tolist():
+        row = row[:row.index(llm_tok.eos_id)] if llm_tok.eos_id in row else row
+        answers.append(llm_tok.decode(row))
+    return answers
+
+
+@torch.no_grad()
+def evaluate_stage3(model, llm_tok, bert_tok, cfg, vcfg, rt, video_at):
+    """Greedy answers to every held-out question, exact match per question type (qa_acc_<type>), and a
+    generated caption per clip scored per attribute: right when it names the true value and no other
+    value of that attribute (caption_acc). Chance: 1 / classes for each."""
+    from data import ATTRIBUTES, CAPTION_PROMPTS, VideoTextDataset
+    model.eval()
+    ds = VideoTextDataset(Path(cfg.data) / "val.jsonl", cfg.num_frames, vcfg.img_size, train=False, seed=cfg.seed)
+    kw = dict(llm_tok=llm_tok, bert_tok=bert_tok, max_llm_len=cfg.max_llm_len, max_text_len=cfg.max_text_len,
+              video_at=video_at, qformer_text_input=cfg.qformer_text_input)
+    local = []
+    for batch in eval_loader(ds, cfg.eval_batch, rt.rank, rt.world):
+        recs = [ds.records[i] for i in batch["idx"].tolist()]
+        with rt.autocast():
+            tokens = model.video_tokens(batch["video"].to(rt.device))
+            captions = answer_questions(model, tokens, [CAPTION_PROMPTS[0]] * len(recs), max_new_tokens=20, **kw)
+            qa_types = sorted({qa.get("type", "qa") for r in recs for qa in r.get("qa", [])})
+            results = [{"caption": c, "qa": []} for c in captions]
+            for t in qa_types:                                          # one question type at a time
+                rows = [(i, qa) for i, r in enumerate(recs) for qa in r.get("qa", []) if qa.get("type", "qa") == t]
+                if rows:
+                    got = answer_questions(model, tokens[[i for i, _ in rows]], [qa["q"] for _, qa in rows],
+                                           max_new_tokens=6, **kw)
+                    for (i, qa), a in zip(rows, got):
+                        results[i]["qa"].append((t, _words(a) == _words(qa["a"]), a))
+        local += list(zip(batch["idx"].tolist(), results))
+    rows = sorted((r for part in gather_objects(local, rt) for r in part), key=lambda r: r[0])
+    out, per_type = {}, {}
+    for _, res in rows:
+        for t, ok, _ in res["qa"]:
+            per_type.setdefault(t, []).append(ok)
+    if per_type:
+        out["qa_acc"] = sum(sum(v) for v in per_type.values()) / sum(len(v) for v in per_type.values())
+        out.update({f"qa_acc_{t}": sum(v) / len(v) for t, v in per_type.items()})
+        known = {t: 1 / len(ATTRIBUTES[t]) for t in per_type if t in ATTRIBUTES}
+        if known:
+            out["qa_chance"] = sum(known[t] * len(per_type[t]) for t in known) / sum(len(per_type[t]) for t in known)
+            out.update({f"qa_chance_{t}": c for t, c in known.items()})
+    recs = ds.records
+    if all("attrs" in r for r in recs):
+        scores = []
+        for (i, res) in rows:
+            words = set(_words(res["caption"]))
+            for attr, values in ATTRIBUTES.items():
+                truth = recs[i]["attrs"][attr]
+                scores.append(truth in words and not any(v in words for v in values if v != truth))
+        out["caption_acc"] = sum(scores) / len(scores)
+        out["caption_chance"] = sum(1 / len(v) for v in ATTRIBUTES.values()) / len(ATTRIBUTES)
+        out["caption_examples"] = [f"{recs[i]['caption']} -> {res['caption']}" for i, res in rows[:5]]
+    model.train()
+    return out

@@ -5,7 +5,10 @@ torch.distributed initialised.
                                (FACTS 1.7), three weighted terms
   all_gather_with_grad         the one cross-rank gather: exact gradients (see its docstring)
   contrastive_loss             symmetric InfoNCE with multi-positive targets from sample ids, every
-                               rank seeing every negative (the toy CLIP teacher; stage-2 VTC)
+                               rank seeing every negative (toy CLIP teacher, VTC/ATC/AVTC, Q-Former)
+  matching_loss                matching with one hard negative per row from the local batch (VTM, AVTM)
+  mlm_loss / captioning_loss   masked LM on the video (official), or the autoregressive alternative
+  answer_loss                  stage 3: the LLM's next-token loss on answer tokens only
 """
 import torch
 import torch.distributed as dist
@@ -76,8 +79,19 @@ def all_gather_with_grad(x):
     return x if world == 1 else _AllGather.apply(x)
 
 
+def similarity(x, y):
+    """(Nx, Ny) dot products of L2-normalised features. A (N, Q, D) side is a set of query embeddings
+    (the Q-Former's): its similarity to a vector is the best query's (BLIP-2)."""
+    x, y = x.float(), y.float()
+    if x.ndim == 3:
+        return torch.einsum("xqd,yd->xyq", x, y).amax(-1)
+    if y.ndim == 3:
+        return torch.einsum("xd,yqd->xyq", x, y).amax(-1)
+    return x @ y.t()
+
+
 def contrastive_loss(a, b, temp, ids=None):
-    """Symmetric InfoNCE between L2-normalised a (B, D) and b (B, D) at temperature temp.
+    """Symmetric InfoNCE between L2-normalised a (B, D) or (B, Q, D) and b (B, D) at temperature temp.
 
     Rows are this rank's samples; columns are every rank's (gathered). Targets are "soft": every
     column with the same sample id as the row is a positive, weights summing to 1 (FACTS 2.6);
@@ -90,8 +104,95 @@ def contrastive_loss(a, b, temp, ids=None):
     ids_all = all_gather_with_grad(ids[:, None])[:, 0] if world > 1 else ids
     pos = (ids[:, None] == ids_all[None, :]).float()                  # (B, world*B)
     target = pos / pos.sum(1, keepdim=True)
-    logits_ab = a.float() @ b_all.float().t() / temp                   # (B, world*B)
-    logits_ba = b.float() @ a_all.float().t() / temp
+    logits_ab = similarity(a, b_all) / temp                            # (B, world*B)
+    logits_ba = similarity(b, a_all) / temp
     loss_ab = -(target * F.log_softmax(logits_ab, dim=1)).sum(1).mean()
     loss_ba = -(target * F.log_softmax(logits_ba, dim=1)).sum(1).mean()
     return (loss_ab + loss_ba) / 2
+
+
+# ------------------------------------------------------------------------------------------------
+# stage 2: matching with hard negatives, masked LM, and the autoregressive alternative (FACTS 2.6)
+
+@torch.no_grad()
+def hard_negatives(sim, ids):
+    """One negative column per row, drawn from softmax(sim) over the LOCAL batch with every positive
+    (same sample id) excluded, as the official VTM. sim: (B, B) similarities / temperature.
+    Returns (index (B,), valid (B,)): valid is False for a row with no negative at all (e.g. a batch
+    of one clip), whose index is then meaningless and must be dropped, never used as a negative."""
+    w = F.softmax(sim.float(), dim=1) + 1e-5
+    w = w.masked_fill(ids[:, None] == ids[None, :], 0.0)
+    valid = w.sum(1) > 0
+    w[~valid] = 1.0                                         # placeholder rows, dropped by the caller
+    return torch.multinomial(w, 1).squeeze(1), valid
+
+
+def matching_loss(match_fn, text_states, pad_mask, memory, v_emb, t_emb, temp, ids):
+    """VTM (and AVTM, and the Q-Former's matching): binary matching on (video, text) pairs = the B
+    positives, each video with a hard negative text, each text with a hard negative video.
+    match_fn(text_states, pad_mask, memory) -> (N, 2) logits (text_states may be token ids).
+    v_emb, t_emb: raw embeddings, (B, D) or (B, Q, D), used to pick the negatives."""
+    B = v_emb.shape[0]
+    with torch.no_grad():
+        sim = similarity(F.normalize(v_emb, dim=-1), F.normalize(t_emb, dim=-1)) / temp
+        neg_t, ok_t = hard_negatives(sim, ids)              # a negative text for every video
+        neg_v, ok_v = hard_negatives(sim.t(), ids)          # a negative video for every text
+    keep = torch.cat([torch.ones(B, dtype=torch.bool, device=ok_t.device), ok_t, ok_v])
+    states = torch.cat([text_states, text_states[neg_t], text_states])
+    masks = torch.cat([pad_mask, pad_mask[neg_t], pad_mask])
+    mems = torch.cat([memory, memory, memory[neg_v]])
+    labels = torch.cat([torch.ones(B), torch.zeros(2 * B)]).long().to(v_emb.device)
+    logits = match_fn(states[keep], masks[keep], mems[keep])
+    return F.cross_entropy(logits.float(), labels[keep])
+
+
+def mask_tokens(ids, pad_mask, vocab_size, mask_id, cls_id, prob=0.5):
+    """BERT masking with the official 50% rate (FACTS 2.6, 6.15): each non-[PAD], non-[CLS] token is
+    picked with probability prob; of those 80% become [MASK], 10% a random token, 10% stay.
+    Returns (corrupted ids, labels with -100 at unpicked positions)."""
+    allowed = pad_mask.bool() & (ids != cls_id)
+    picked = (torch.rand(ids.shape, device=ids.device) < prob) & allowed
+    labels = ids.masked_fill(~picked, -100)
+    r = torch.rand(ids.shape, device=ids.device)
+    out = torch.where(picked & (r < 0.8), torch.full_like(ids, mask_id), ids)
+    random_tok = torch.randint(vocab_size, ids.shape, device=ids.device)
+    out = torch.where(picked & (r >= 0.8) & (r < 0.9), random_tok, out)
+    return out, labels
+
+
+def token_cross_entropy(logits, labels):
+    """Mean cross-entropy over labelled positions (-100 ignored); 0 (with a graph) if there are none."""
+    if not (labels != -100).any():
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits.float().flatten(0, -2), labels.flatten(), ignore_index=-100)
+
+
+def mlm_loss(text_encoder, ids, pad_mask, memory, tok, prob=0.5):
+    """Masked LM conditioned on the (masked) video: text layers on the corrupted ids, fusion layers
+    cross-attending to `memory`, then the tied MLM head. Not autoregressive."""
+    corrupted, labels = mask_tokens(ids, pad_mask, text_encoder.cfg.vocab_size, tok.mask_id, tok.cls_id, prob)
+    h = text_encoder.forward_fusion(text_encoder.forward_text(corrupted, pad_mask), pad_mask, memory)
+    return token_cross_entropy(text_encoder.mlm_logits(h), labels)
+
+
+def next_token_loss(logits, ids, pad_mask):
+    """Position j predicts token j+1; [PAD] targets ignored. logits (B, L, V), ids and pad_mask (B, L)."""
+    return token_cross_entropy(logits[:, :-1], ids[:, 1:].masked_fill(pad_mask[:, 1:] == 0, -100))
+
+
+def captioning_loss(text_encoder, ids, pad_mask, memory):
+    """The autoregressive alternative, L = -log p(T_j | T_<j, video): every self-attention causal (text
+    and fusion layers, so no position sees its successor), cross-attention to the video as in MLM,
+    the tied head predicting the next token."""
+    h = text_encoder.forward_fusion(text_encoder.forward_text(ids, pad_mask, causal=True), pad_mask, memory,
+                                    causal=True)
+    return next_token_loss(text_encoder.mlm_logits(h), ids, pad_mask)
+
+
+# ------------------------------------------------------------------------------------------------
+# stage 3 (FACTS 3)
+
+def answer_loss(logits, labels):
+    """The LLM's next-token loss on answer tokens only: labels are -100 everywhere else (the system
+    text, the instruction, the visual slots, padding). logits (B, L, V), labels (B, L)."""
+    return token_cross_entropy(logits[:, :-1], labels[:, 1:])

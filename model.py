@@ -8,6 +8,14 @@ Read top to bottom:
   video encoder         InternVideo2: tubelet embedding, CLS, learnable pos-embed, pre-norm blocks
                         with RMSNorm + qk-norm + LayerScale, no final norm, attention-pooling head,
                         a masked forward over visible tokens only, and the stage-1 distillation heads.
+  text encoder          BERT split into text layers and fusion layers (cross-attention), MLM head
+                        (TEXT_PRESETS toy, bert-base, bert-large; FACTS 2.3, 8.1)
+  audio encoder         BEATs: fbank patches, conv position embedding, deep-norm post-LN layers with
+                        gated relative position bias (AUDIO_PRESETS toy, beats-base; FACTS 2.4, 8.2)
+  stage-2 model         projections, audio-visual fusion, matching heads, temperature (FACTS 2.5)
+  Q-Former              learned queries, cross-attention to the video every 2nd layer (FACTS 3)
+  LLM                   LLaMA/Mistral: RMSNorm, RoPE, SwiGLU, grouped-query attention, KV cache, LoRA
+  stage-3 model         video encoder -> Q-Former -> projection -> LLM (FACTS 3, VideoChat2)
 
 How InternVideo2 differs from a textbook ViT (each point is FACTS.md section 6):
   * qk-norm is ONE RMSNorm over the full width (all heads jointly), not per head;
@@ -473,11 +481,8 @@ class InternVideo2(nn.Module):
                 hidden[i] = x
         return x, hidden
 
-    def forward(self, video, visible=None, distill=False):
-        """The pooled clip embedding (B, pool_dim); with distill=True the stage-1 outputs of
-        forward_distill (routed through forward so that a DDP wrapper sees the call)."""
-        if distill:
-            return self.forward_distill(video, visible)
+    def forward(self, video, visible=None):
+        """The pooled clip embedding (B, pool_dim)."""
         return self.clip_projector(self.forward_features(video, visible)[0])
 
     def forward_distill(self, video, visible):
@@ -502,6 +507,824 @@ class InternVideo2(nn.Module):
             out["mae"] = torch.stack([dec(hidden[i][:, 1:] + mae_pos)
                                       for dec, i in zip(self.mae_decoder, mae_layers)])
         return out
+
+
+# ------------------------------------------------------------------------------------------------
+# text encoder: BERT split into text layers and fusion layers (FACTS 2.3, 8.1)
+
+@dataclass
+class TextConfig:
+    vocab_size: int = 30522
+    hidden: int = 1024
+    layers: int = 24
+    heads: int = 16
+    intermediate: int = 4096
+    max_len: int = 512             # position-embedding rows
+    fusion_layer: int = 19         # layers [0, 19) are text-only; [19, 24) add cross-attention
+    cross_width: int = 1408        # K/V input width of cross-attention = the memory's width
+    dropout: float = 0.1           # hidden and attention dropout
+    eps: float = 1e-12             # LayerNorm eps (post-LN everywhere)
+
+
+TEXT_PRESETS = {
+    "toy": TextConfig(vocab_size=0, hidden=96, layers=4, heads=4, intermediate=384, max_len=64, fusion_layer=3,
+                      cross_width=96, dropout=0.0),        # vocab_size comes from the ToyWorld vocabulary
+    "bert-base": TextConfig(hidden=768, layers=12, heads=12, intermediate=3072, fusion_layer=9),
+    "bert-large": TextConfig(),
+}
+
+
+def text_preset(name, **overrides):
+    if name not in TEXT_PRESETS:
+        raise ValueError(f"unknown text preset {name!r}; choose one of {list(TEXT_PRESETS)}")
+    return replace(TEXT_PRESETS[name], **overrides)
+
+
+class BertAttention(nn.Module):
+    """BERT attention: q/k/v/o Linears with biases; for cross-attention k and v read a memory of
+    width kv_dim (the vision or audio+vision tokens)."""
+
+    def __init__(self, dim, heads, kv_dim=None, dropout=0.0):
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.q, self.o = nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.k, self.v = nn.Linear(kv_dim or dim, dim), nn.Linear(kv_dim or dim, dim)
+
+    def forward(self, x, memory=None, mask=None):
+        kv = x if memory is None else memory
+        h = self.heads
+        y = attend(split_heads(self.q(x), h), split_heads(self.k(kv), h), split_heads(self.v(kv), h), mask=mask,
+                   dropout=self.dropout if self.training else 0.0)
+        return self.o(merge_heads(y))
+
+
+class BertLayer(nn.Module):
+    """Post-LN: x = LN(x + SelfAttn(x)); [x = LN(x + CrossAttn(x, memory))]; x = LN(x + FFN(x))."""
+
+    def __init__(self, cfg: TextConfig, cross):
+        super().__init__()
+        H = cfg.hidden
+        self.attn = BertAttention(H, cfg.heads, dropout=cfg.dropout)
+        self.attn_norm = nn.LayerNorm(H, eps=cfg.eps)
+        if cross:
+            self.cross = BertAttention(H, cfg.heads, kv_dim=cfg.cross_width, dropout=cfg.dropout)
+            self.cross_norm = nn.LayerNorm(H, eps=cfg.eps)
+        self.fc1, self.fc2 = nn.Linear(H, cfg.intermediate), nn.Linear(cfg.intermediate, H)
+        self.ffn_norm = nn.LayerNorm(H, eps=cfg.eps)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, mask, memory=None, memory_mask=None):
+        x = self.attn_norm(x + self.drop(self.attn(x, mask=mask)))
+        if memory is not None:
+            x = self.cross_norm(x + self.drop(self.cross(x, memory, memory_mask)))
+        return self.ffn_norm(x + self.drop(self.fc2(F.gelu(self.fc1(x)))))   # exact GELU (FACTS 8.1)
+
+
+class TextEncoder(nn.Module):
+    """BERT with an MLM head tied to the word embeddings. `forward_text` runs the text layers only
+    (the contrastive text feature is its [CLS] state, FACTS 6.16); `forward_fusion` runs the fusion
+    layers over given token states with cross-attention to a memory. causal=True makes every
+    self-attention causal (the autoregressive variant of the third loss)."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        if cfg.vocab_size <= 0:
+            raise ValueError("TextConfig.vocab_size must be set (from the tokenizer's vocabulary)")
+        self.cfg = cfg
+        H = cfg.hidden
+        self.word_emb = nn.Embedding(cfg.vocab_size, H)
+        self.pos_emb = nn.Embedding(cfg.max_len, H)
+        self.type_emb = nn.Embedding(2, H)
+        self.emb_norm = nn.LayerNorm(H, eps=cfg.eps)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList(BertLayer(cfg, cross=i >= cfg.fusion_layer) for i in range(cfg.layers))
+        self.mlm_dense, self.mlm_norm = nn.Linear(H, H), nn.LayerNorm(H, eps=cfg.eps)
+        self.mlm_bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+        for m in self.modules():                           # BERT init: N(0, 0.02), biases 0, LN (1, 0)
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=0.02)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    @staticmethod
+    def _mask(pad_mask, causal):
+        """(B, L) 1 = token, 0 = pad -> bool (B, 1, L or 1, L), True = may attend. Padded query rows
+        are still computed, as the official."""
+        m = pad_mask.bool()[:, None, None, :]
+        if causal:
+            L = pad_mask.shape[1]
+            m = m & torch.ones(L, L, dtype=torch.bool, device=pad_mask.device).tril()
+        return m
+
+    def forward_text(self, ids, pad_mask, causal=False):
+        """ids, pad_mask: (B, L) -> states after the text layers (B, L, H)."""
+        L = ids.shape[1]
+        if L > self.cfg.max_len:
+            raise ValueError(f"text of {L} tokens exceeds max_len {self.cfg.max_len}")
+        pos = torch.arange(L, device=ids.device)
+        x = self.word_emb(ids) + self.pos_emb(pos)[None] + self.type_emb.weight[0]
+        x = self.drop(self.emb_norm(x))
+        mask = self._mask(pad_mask, causal)
+        for layer in self.layers[:self.cfg.fusion_layer]:
+            x = layer(x, mask)
+        return x
+
+    def forward_fusion(self, x, pad_mask, memory, memory_mask=None, causal=False):
+        """x: (B, L, H) text states; memory: (B, M, cross_width) -> (B, L, H) after the fusion layers.
+        memory=None runs them as plain BERT layers (text-only pre-training, as bert-*-uncased was)."""
+        mask = self._mask(pad_mask, causal)
+        mem_mask = None if memory_mask is None else memory_mask.bool()[:, None, None, :]
+        for layer in self.layers[self.cfg.fusion_layer:]:
+            x = layer(x, mask, memory, mem_mask)
+        return x
+
+    def mlm_logits(self, x):
+        """(B, L, H) -> (B, L, vocab): transform (dense, GELU, LN), then the tied decoder + bias."""
+        return F.linear(self.mlm_norm(F.gelu(self.mlm_dense(x))), self.word_emb.weight, self.mlm_bias)
+
+
+def bert_key_map(cfg: TextConfig):
+    """{our key: official key} for a `BertForMaskedLM` state dict (Hugging Face `bert-*-uncased`, and
+    the stage-2 checkpoints' `text_encoder.` part; FACTS 4.2). Cross-attention exists only in layers
+    >= fusion_layer and is new (random) when loading a plain BERT."""
+    m = {"word_emb.weight": "bert.embeddings.word_embeddings.weight",
+         "pos_emb.weight": "bert.embeddings.position_embeddings.weight",
+         "type_emb.weight": "bert.embeddings.token_type_embeddings.weight",
+         "emb_norm.weight": "bert.embeddings.LayerNorm.weight", "emb_norm.bias": "bert.embeddings.LayerNorm.bias",
+         "mlm_dense.weight": "cls.predictions.transform.dense.weight",
+         "mlm_dense.bias": "cls.predictions.transform.dense.bias",
+         "mlm_norm.weight": "cls.predictions.transform.LayerNorm.weight",
+         "mlm_norm.bias": "cls.predictions.transform.LayerNorm.bias", "mlm_bias": "cls.predictions.bias"}
+    names = {"attn": "attention", "cross": "crossattention"}
+    for i in range(cfg.layers):
+        p = f"bert.encoder.layer.{i}."
+        for ours, theirs in names.items():
+            if ours == "cross" and i < cfg.fusion_layer:
+                continue
+            for a, b in (("q", "query"), ("k", "key"), ("v", "value")):
+                for t in ("weight", "bias"):
+                    m[f"layers.{i}.{ours}.{a}.{t}"] = f"{p}{theirs}.self.{b}.{t}"
+            for t in ("weight", "bias"):
+                m[f"layers.{i}.{ours}.o.{t}"] = f"{p}{theirs}.output.dense.{t}"
+                m[f"layers.{i}.{ours}_norm.{t}"] = f"{p}{theirs}.output.LayerNorm.{t}"
+        for t in ("weight", "bias"):
+            m[f"layers.{i}.fc1.{t}"] = f"{p}intermediate.dense.{t}"
+            m[f"layers.{i}.fc2.{t}"] = f"{p}output.dense.{t}"
+            m[f"layers.{i}.ffn_norm.{t}"] = f"{p}output.LayerNorm.{t}"
+    return m
+
+
+def load_bert(text_encoder, state, prefix=""):
+    """Load an official/Hugging Face BERT state dict (keys after `prefix`) through bert_key_map.
+    Shapes must match (KeyError naming each mismatch). Returns the list of our keys the checkpoint
+    did not have (the new cross-attention when loading a plain BERT), so callers can report them."""
+    own = text_encoder.state_dict()
+    fresh, bad, new = [], [], {}
+    for ours, theirs in bert_key_map(text_encoder.cfg).items():
+        src = state.get(prefix + theirs)
+        if src is None and theirs.startswith("bert."):       # `text_encoder.X` renaming (FACTS 4.2)
+            src = state.get(prefix + theirs[len("bert."):])
+        if src is None:
+            fresh.append(ours)
+        elif src.shape != own[ours].shape:
+            bad.append(f"{prefix + theirs}: {tuple(src.shape)} vs {tuple(own[ours].shape)}")
+        else:
+            new[ours] = src
+    if bad:
+        raise KeyError(f"BERT checkpoint does not fit: {bad[:10]}")
+    text_encoder.load_state_dict(new, strict=False)
+    return fresh
+
+
+# ------------------------------------------------------------------------------------------------
+# audio encoder: BEATs (FACTS 2.4, 8.2)
+
+@dataclass
+class AudioConfig:
+    mel_bins: int = 64             # InternVideo2 feeds 64-bin fbanks, not BEATs' own 128 (FACTS 6.18)
+    frames: int = 998              # fbank frames after padding (10 s at a 10 ms shift)
+    patch: int = 16                # Conv2d kernel = stride over (frames, mel): 998 x 64 -> 62 x 4 = 248 tokens
+    embed: int = 512               # patch-embedding width
+    dim: int = 768
+    layers: int = 12
+    heads: int = 12
+    ffn: int = 3072
+    pos_conv: int = 128            # convolutional position embedding kernel and groups
+    pos_conv_groups: int = 16
+    deep_norm: bool = True         # post-LN with residual gain (2 L)^(1/4)
+    num_buckets: int = 320         # relative position bias (T5 buckets), shared from layer 0
+    max_distance: int = 800
+    gru_rel_pos: bool = True       # gated relative position bias
+    dropout: float = 0.1           # the official keeps the frozen BEATs in train mode (FACTS 6.18)
+
+    @property
+    def num_tokens(self):
+        return (self.frames // self.patch) * (self.mel_bins // self.patch)
+
+
+# beats-base: the released BEATs iter3 checkpoints' cfg as far as known; load_beats reads the
+# checkpoint's own cfg when present (FACTS 7).
+AUDIO_PRESETS = {
+    "toy": AudioConfig(frames=96, embed=64, dim=96, layers=2, heads=4, ffn=384, pos_conv=16, pos_conv_groups=4,
+                       num_buckets=32, max_distance=64, dropout=0.0),
+    "beats-base": AudioConfig(),
+}
+
+
+def audio_preset(name, **overrides):
+    if name not in AUDIO_PRESETS:
+        raise ValueError(f"unknown audio preset {name!r}; choose one of {list(AUDIO_PRESETS)}")
+    return replace(AUDIO_PRESETS[name], **overrides)
+
+
+class PosConv(nn.Module):
+    """Grouped Conv1d under weight norm over the kernel axis (one norm per tap: weight_g (1, 1, K)),
+    "same" padding that drops the last step for even kernels, then GELU."""
+
+    def __init__(self, dim, kernel, groups):
+        super().__init__()
+        self.kernel, self.groups = kernel, groups
+        self.weight_v = nn.Parameter(torch.randn(dim, dim // groups, kernel) * math.sqrt(4 / (kernel * dim)))
+        self.weight_g = nn.Parameter(self.weight_v.detach().norm(dim=(0, 1), keepdim=True))
+        self.bias = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x):                                  # (B, N, D) -> (B, N, D)
+        w = self.weight_g * self.weight_v / self.weight_v.norm(dim=(0, 1), keepdim=True)
+        y = F.conv1d(x.transpose(1, 2), w, self.bias, padding=self.kernel // 2, groups=self.groups)
+        if self.kernel % 2 == 0:
+            y = y[..., :-1]
+        return F.gelu(y).transpose(1, 2)
+
+
+class BeatsAttention(nn.Module):
+    """Self-attention with BEATs' (optionally gated) relative position bias added to the logits."""
+
+    def __init__(self, cfg: AudioConfig):
+        super().__init__()
+        D = cfg.dim
+        self.heads, self.gated, self.dropout = cfg.heads, cfg.gru_rel_pos, cfg.dropout
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(D, D) for _ in range(4))
+        if cfg.gru_rel_pos:
+            self.grep_linear = nn.Linear(D // cfg.heads, 8)
+            self.grep_a = nn.Parameter(torch.ones(1, cfg.heads, 1, 1))
+
+    def forward(self, x, pos_bias):                        # x: (B, N, D); pos_bias: (H, N, N) or None
+        h = self.heads
+        q = split_heads(self.q_proj(x), h)                 # (B, H, N, hd), unscaled, bias included
+        bias = None
+        if pos_bias is not None:
+            bias = pos_bias[None]
+            if self.gated:                                 # gate per layer, head and query (FACTS 8.2)
+                B, H, N, _ = q.shape
+                a, b = torch.sigmoid(self.grep_linear(q).view(B, H, N, 2, 4).sum(-1)).chunk(2, dim=-1)
+                bias = (a * (b * self.grep_a - 1.0) + 2.0) * bias
+            bias = bias.to(q.dtype)
+        y = attend(q, split_heads(self.k_proj(x), h), split_heads(self.v_proj(x), h), mask=bias,
+                   dropout=self.dropout if self.training else 0.0)
+        return self.out_proj(merge_heads(y))
+
+
+class BeatsLayer(nn.Module):
+    """Post-LN with deep-norm residual gain: x = LN(alpha x + attn(x)); x = LN(alpha x + FFN(x))."""
+
+    def __init__(self, cfg: AudioConfig):
+        super().__init__()
+        self.self_attn = BeatsAttention(cfg)
+        self.self_attn_layer_norm = nn.LayerNorm(cfg.dim)
+        self.fc1, self.fc2 = nn.Linear(cfg.dim, cfg.ffn), nn.Linear(cfg.ffn, cfg.dim)
+        self.final_layer_norm = nn.LayerNorm(cfg.dim)
+        self.alpha = (2 * cfg.layers) ** 0.25 if cfg.deep_norm else 1.0
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, pos_bias):
+        x = self.self_attn_layer_norm(self.alpha * x + self.drop(self.self_attn(x, pos_bias)))
+        h = F.gelu(self.fc1(x).float()).to(x.dtype)        # GELU in fp32 (FACTS 8.2)
+        return self.final_layer_norm(self.alpha * x + self.drop(self.fc2(self.drop(h))))
+
+
+class BeatsEncoder(nn.Module):
+    def __init__(self, cfg: AudioConfig):
+        super().__init__()
+        self.pos_conv = PosConv(cfg.dim, cfg.pos_conv, cfg.pos_conv_groups)
+        self.layer_norm = nn.LayerNorm(cfg.dim)
+        self.layers = nn.ModuleList(BeatsLayer(cfg) for _ in range(cfg.layers))
+        self.relative_attention_bias = nn.Embedding(cfg.num_buckets, cfg.heads) if cfg.num_buckets else None
+        self.cfg = cfg
+
+    def position_bias(self, n, device):
+        """T5 bidirectional buckets of (key - query) -> (H, N, N), computed once for all layers."""
+        rel = torch.arange(n, device=device)[None, :] - torch.arange(n, device=device)[:, None]
+        half = self.cfg.num_buckets // 2
+        bucket = (rel > 0).long() * half
+        rel = rel.abs()
+        exact = half // 2
+        large = exact + (torch.log(rel.float().clamp_min(1) / exact) / math.log(self.cfg.max_distance / exact)
+                         * (half - exact)).long()                       # cast truncates toward zero
+        bucket = bucket + torch.where(rel < exact, rel, large.clamp_max(half - 1))
+        return self.relative_attention_bias(bucket).permute(2, 0, 1)
+
+    def forward(self, x):
+        x = self.layer_norm(x + self.pos_conv(x))
+        bias = self.position_bias(x.shape[1], x.device) if self.relative_attention_bias is not None else None
+        for layer in self.layers:
+            x = layer(x, bias)
+        return x
+
+
+class AudioEncoder(nn.Module):
+    """BEATs: fbank (B, frames, mel) -> Conv2d 16x16 patches (time-major tokens) -> LayerNorm ->
+    projection -> conv position embedding + LayerNorm -> post-LN layers -> (B, N, dim); no final norm.
+    Parameter names follow the official checkpoint (FACTS 4.3) except the weight-normed position conv
+    (`encoder.pos_conv.0.weight_g` there, `encoder.pos_conv.weight_g` here; load_beats maps it)."""
+
+    def __init__(self, cfg: AudioConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.patch_embedding = nn.Conv2d(1, cfg.embed, kernel_size=cfg.patch, stride=cfg.patch, bias=False)
+        self.layer_norm = nn.LayerNorm(cfg.embed)
+        self.post_extract_proj = nn.Linear(cfg.embed, cfg.dim)
+        self.encoder = BeatsEncoder(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, fbank):
+        x = self.patch_embedding(fbank[:, None])                # (B, E, T', F')
+        x = self.layer_norm(x.flatten(2).transpose(1, 2))       # (B, T'F', E), token = t * F' + f
+        return self.encoder(self.drop(self.post_extract_proj(x)))
+
+
+def load_beats(state_or_ckpt):
+    """Build an AudioEncoder from an official BEATs checkpoint ({'cfg': ..., 'model': state}) and
+    load it; missing or mis-shaped keys raise KeyError naming them."""
+    ck = state_or_ckpt
+    state, ocfg = ck.get("model", ck), ck.get("cfg", {})
+    names = {"encoder_embed_dim": "dim", "encoder_layers": "layers", "encoder_attention_heads": "heads",
+             "encoder_ffn_embed_dim": "ffn", "embed_dim": "embed", "input_patch_size": "patch",
+             "conv_pos": "pos_conv", "conv_pos_groups": "pos_conv_groups", "deep_norm": "deep_norm",
+             "num_buckets": "num_buckets", "max_distance": "max_distance", "gru_rel_pos": "gru_rel_pos"}
+    over = {ours: ocfg[theirs] for theirs, ours in names.items() if theirs in ocfg}
+    if ocfg.get("relative_position_embedding") is False:
+        over["num_buckets"] = 0
+    enc = AudioEncoder(audio_preset("beats-base", **over))
+    state = {k.replace("encoder.pos_conv.0.", "encoder.pos_conv.")
+              .replace("encoder.layers.0.self_attn.relative_attention_bias", "encoder.relative_attention_bias"): v
+             for k, v in state.items() if ".relative_attention_bias" not in k or "layers.0." in k}
+    own = enc.state_dict()
+    missing = [k for k in own if k not in state]
+    bad = [k for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or bad:
+        raise KeyError(f"BEATs checkpoint does not fit: missing {missing[:10]}, wrong shapes {bad[:10]}")
+    enc.load_state_dict({k: state[k] for k in own})
+    return enc
+
+
+# ------------------------------------------------------------------------------------------------
+# the stage-2 model (FACTS 2.1, 2.5)
+
+class Stage2Model(nn.Module):
+    """Vision encoder + BERT (+ frozen BEATs) with the projection heads of stage 2. Top-level names
+    follow the official checkpoints (vision_encoder, text_encoder, audio_encoder, vision_proj, ...).
+    With audio, every vision token is projected to av_dim + LayerNorm before it enters
+    cross-attention, and the fusion layers read av_dim-wide memories (FACTS 6.17)."""
+
+    def __init__(self, vcfg: VisionConfig, tcfg: TextConfig, acfg: AudioConfig = None, embed_dim=512, av_dim=768,
+                 temp=0.07):
+        super().__init__()
+        self.vision_encoder = InternVideo2(vcfg)
+        self.text_encoder = TextEncoder(replace(tcfg, cross_width=av_dim if acfg else vcfg.embed_dim))
+        self.vision_proj = nn.Linear(vcfg.pool_dim, embed_dim)
+        self.text_proj = nn.Linear(tcfg.hidden, embed_dim)
+        self.itm_head = nn.Linear(tcfg.hidden, 2)
+        self.temp = nn.Parameter(torch.tensor(temp))        # clamped to [0.001, 0.5] each step (FACTS 2.6)
+        self.has_audio = acfg is not None
+        if acfg:
+            self.audio_encoder = AudioEncoder(acfg)
+            self.audio_proj = nn.Linear(acfg.dim, embed_dim)
+            self.av_concat_vision_proj = nn.Sequential(nn.Linear(vcfg.embed_dim, av_dim), nn.LayerNorm(av_dim))
+            self.av_concat_audio_proj = nn.Sequential(nn.Linear(acfg.dim, av_dim), nn.LayerNorm(av_dim))
+            self.av_fusion = nn.Linear(2 * embed_dim, embed_dim)
+            self.avtm_head = nn.Linear(tcfg.hidden, 2)
+        for name, m in self.named_children():               # fresh heads: trunc-normal 0.02, bias 0
+            if name.endswith(("_proj", "_head", "av_fusion")):
+                for lin in [m] if isinstance(m, nn.Linear) else [x for x in m.modules() if isinstance(x, nn.Linear)]:
+                    nn.init.trunc_normal_(lin.weight, std=0.02)
+                    nn.init.zeros_(lin.bias)
+
+    def no_weight_decay(self):
+        return {"temp"} | {f"vision_encoder.{n}" for n in self.vision_encoder.no_weight_decay()}
+
+    def encode_video(self, video, visible=None):
+        """-> memory tokens for cross-attention (B, Nv, D or av_dim), raw projected embedding (B, E)."""
+        x, _ = self.vision_encoder.forward_features(video, visible)
+        emb = self.vision_proj(self.vision_encoder.clip_projector(x))
+        memory = self.av_concat_vision_proj(x) if self.has_audio else x
+        return memory, emb
+
+    def encode_audio(self, fbank):
+        """-> memory tokens (B, Na, av_dim), raw projected embedding (B, E) of the mean token (taken
+        before the concat projection, FACTS 6.17)."""
+        a = self.audio_encoder(fbank)
+        return self.av_concat_audio_proj(a), self.audio_proj(a.mean(1))
+
+    def encode_text(self, ids, pad_mask):
+        """-> text-layer states (B, L, H), raw projected [CLS] embedding (B, E)."""
+        h = self.text_encoder.forward_text(ids, pad_mask)
+        return h, self.text_proj(h[:, 0])
+
+    def fuse_av(self, a_emb, v_emb):
+        return self.av_fusion(torch.cat([a_emb, v_emb], dim=-1))
+
+    def match_logits(self, text_states, pad_mask, memory, head="itm"):
+        """Fusion layers over (text, memory) pairs -> the matching head's 2 logits on [CLS]."""
+        h = self.text_encoder.forward_fusion(text_states, pad_mask, memory)
+        return (self.itm_head if head == "itm" else self.avtm_head)(h[:, 0])
+
+
+# ------------------------------------------------------------------------------------------------
+# stage 3: the Q-Former bridge (FACTS 3, VideoChat2)
+
+@dataclass
+class QFormerConfig:
+    hidden: int = 768
+    layers: int = 12
+    heads: int = 12
+    intermediate: int = 3072
+    num_query: int = 32            # learned queries ...
+    extra_query: int = 64          # ... + extra queries = 96 visual tokens for the LLM
+    cross_every: int = 2           # cross-attention to the video in layers 0, 2, 4, ...
+    vision_width: int = 1408       # width of the video tokens
+    vocab_size: int = 30522        # BERT vocabulary (instruction text, captioning)
+    max_len: int = 512
+    dropout: float = 0.1           # hidden and attention dropout
+    drop_path: float = 0.2
+    eps: float = 1e-12
+
+
+QFORMER_PRESETS = {
+    "toy": QFormerConfig(hidden=96, layers=4, heads=4, intermediate=384, num_query=8, extra_query=8, vision_width=96,
+                         vocab_size=0, max_len=64, dropout=0.0, drop_path=0.0),
+    "base": QFormerConfig(),
+}
+
+
+class QFormerLayer(nn.Module):
+    """BLIP-2 layer over [queries; text]: joint self-attention (who sees whom is the mask's business),
+    cross-attention to the video for the queries only (every cross_every-th layer), and separate
+    feed-forward networks for queries and text. Post-LN, as BERT."""
+
+    def __init__(self, cfg: QFormerConfig, cross, drop_path=0.0):
+        super().__init__()
+        H = cfg.hidden
+        self.attn, self.attn_norm = BertAttention(H, cfg.heads, dropout=cfg.dropout), nn.LayerNorm(H, eps=cfg.eps)
+        if cross:
+            self.cross = BertAttention(H, cfg.heads, kv_dim=cfg.vision_width, dropout=cfg.dropout)
+            self.cross_norm = nn.LayerNorm(H, eps=cfg.eps)
+        self.fc1, self.fc2, self.ffn_norm = nn.Linear(H, cfg.intermediate), nn.Linear(cfg.intermediate, H), \
+            nn.LayerNorm(H, eps=cfg.eps)
+        self.fc1_q, self.fc2_q, self.ffn_norm_q = nn.Linear(H, cfg.intermediate), nn.Linear(cfg.intermediate, H), \
+            nn.LayerNorm(H, eps=cfg.eps)
+        self.drop, self.drop_path = nn.Dropout(cfg.dropout), DropPath(drop_path)
+
+    def forward(self, x, n_query, mask, video):       # x: (B, Q + L, H); video: (B, N, vision_width)
+        x = self.attn_norm(x + self.drop_path(self.drop(self.attn(x, mask=mask))))
+        q, t = x[:, :n_query], x[:, n_query:]
+        if n_query:
+            if hasattr(self, "cross"):
+                q = self.cross_norm(q + self.drop_path(self.drop(self.cross(q, video))))
+            q = self.ffn_norm_q(q + self.drop_path(self.drop(self.fc2_q(F.gelu(self.fc1_q(q))))))
+        if t.shape[1]:
+            t = self.ffn_norm(t + self.drop_path(self.drop(self.fc2(F.gelu(self.fc1(t))))))
+        return torch.cat([q, t], dim=1)
+
+
+class QFormer(nn.Module):
+    """Learned queries that read the video through cross-attention and talk to text through shared
+    self-attention. Modes (the attention mask decides):
+      query    queries only -> the visual tokens for the LLM, or the contrastive embedding
+      text     text only -> its [CLS] for the contrastive loss
+      joint    queries and text see each other (matching; instruction-conditioned queries, FACTS 3)
+      caption  queries see queries, text sees the queries and earlier text (captioning loss)"""
+
+    def __init__(self, cfg: QFormerConfig):
+        super().__init__()
+        if cfg.vocab_size <= 0:
+            raise ValueError("QFormerConfig.vocab_size must be set (from the BERT vocabulary)")
+        self.cfg, H = cfg, cfg.hidden
+        self.query_tokens = nn.Parameter(torch.zeros(1, cfg.num_query, H))
+        self.extra_query_tokens = nn.Parameter(torch.zeros(1, cfg.extra_query, H))
+        self.word_emb, self.pos_emb = nn.Embedding(cfg.vocab_size, H), nn.Embedding(cfg.max_len, H)
+        self.emb_norm, self.drop = nn.LayerNorm(H, eps=cfg.eps), nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList(QFormerLayer(cfg, i % cfg.cross_every == 0, cfg.drop_path * i / max(cfg.layers - 1, 1))
+                                    for i in range(cfg.layers))
+        self.lm_dense, self.lm_norm = nn.Linear(H, H), nn.LayerNorm(H, eps=cfg.eps)
+        self.lm_bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=0.02)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+        nn.init.normal_(self.query_tokens, std=0.02)
+        nn.init.normal_(self.extra_query_tokens, std=0.02)
+
+    def forward(self, video=None, ids=None, pad_mask=None, mode="query"):
+        """video: (B, N, vision_width); ids, pad_mask: (B, L). -> (query states (B, Q, H), text states (B, L, H))."""
+        parts, Q = [], 0
+        if mode != "text":
+            B = video.shape[0]
+            parts.append(torch.cat([self.query_tokens, self.extra_query_tokens], 1).expand(B, -1, -1))
+            Q = parts[0].shape[1]
+        L = 0 if ids is None or mode == "query" else ids.shape[1]
+        if L:
+            parts.append(self.word_emb(ids) + self.pos_emb(torch.arange(L, device=ids.device))[None])
+        x = self.drop(self.emb_norm(torch.cat(parts, 1)))
+        B, dev = x.shape[0], x.device
+        keys = torch.ones(B, Q + L, dtype=torch.bool, device=dev)          # which positions are real
+        if L:
+            keys[:, Q:] = pad_mask.bool()
+        mask = keys[:, None, None, :].expand(B, 1, Q + L, Q + L).clone()
+        if mode == "caption":                                              # queries never see the text,
+            mask[:, :, :Q, Q:] = False                                     # text sees earlier text only
+            mask[:, :, Q:, Q:] &= torch.ones(L, L, dtype=torch.bool, device=dev).tril()
+        for layer in self.layers:
+            x = layer(x, Q, mask, video)
+        return x[:, :Q], x[:, Q:]
+
+    def lm_logits(self, h):
+        return F.linear(self.lm_norm(F.gelu(self.lm_dense(h))), self.word_emb.weight, self.lm_bias)
+
+
+def qformer_from_bert(qformer, bert_state):
+    """Initialise the Q-Former from a BERT with the same width, as VideoChat2 starts from
+    bert-base-uncased: embeddings, self-attention, FFN (copied to the query FFN too) and the MLM head
+    of layer i go to Q-Former layer i; cross-attention and queries stay fresh. bert_state uses
+    TextEncoder key names. Returns the Q-Former keys left fresh."""
+    own, new = qformer.state_dict(), {}
+    for k, v in bert_state.items():
+        if ".cross" in k:
+            continue
+        targets = [k.replace("mlm_", "lm_")]
+        if k.startswith("layers.") and (".fc" in k or "ffn_norm" in k):
+            parts = k.split(".")
+            targets.append(".".join(parts[:2] + [parts[2] + "_q"] + parts[3:]))
+        for t in targets:
+            if t in own and own[t].shape == v.shape:
+                new[t] = v
+    qformer.load_state_dict(new, strict=False)
+    return sorted(set(own) - set(new))
+
+
+# ------------------------------------------------------------------------------------------------
+# stage 3: the LLM (LLaMA / Mistral), with a KV cache and LoRA
+
+@dataclass
+class LLMConfig:
+    vocab_size: int = 32000
+    dim: int = 4096
+    layers: int = 32
+    heads: int = 32
+    kv_heads: int = 8              # grouped-query attention
+    hidden: int = 14336            # SwiGLU width
+    rope_theta: float = 1e6        # Mistral-7B-Instruct-v0.2
+    eps: float = 1e-5
+
+
+LLM_PRESETS = {
+    "toy": LLMConfig(vocab_size=0, dim=128, layers=4, heads=4, kv_heads=2, hidden=384, rope_theta=10000.0),
+    "mistral-7b": LLMConfig(),
+}
+
+
+def rope_tables(positions, head_dim, theta):
+    """cos, sin of shape (B, 1, L, head_dim) for integer positions (B, L) (the rotate-half layout)."""
+    inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
+    ang = positions[..., None].float() * inv                          # (B, L, hd/2)
+    ang = torch.cat([ang, ang], dim=-1)[:, None]                       # (B, 1, L, hd)
+    return ang.cos(), ang.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate each (x_i, x_{i + hd/2}) pair by its position's angle: a rotation, so norms are kept
+    and q.k depends on the positions only through their difference."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos.to(x.dtype) + torch.cat([-x2, x1], dim=-1) * sin.to(x.dtype)
+
+
+class LLMAttention(nn.Module):
+    def __init__(self, cfg: LLMConfig):
+        super().__init__()
+        hd = cfg.dim // cfg.heads
+        self.heads, self.kv_heads = cfg.heads, cfg.kv_heads
+        self.q_proj = nn.Linear(cfg.dim, cfg.heads * hd, bias=False)
+        self.k_proj = nn.Linear(cfg.dim, cfg.kv_heads * hd, bias=False)
+        self.v_proj = nn.Linear(cfg.dim, cfg.kv_heads * hd, bias=False)
+        self.o_proj = nn.Linear(cfg.heads * hd, cfg.dim, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache=None):
+        """x: (B, L, dim); cache: None or a (k, v) pair of (B, Hkv, T, hd) from earlier steps.
+        Returns the output and the new (k, v) including this step."""
+        q = apply_rope(split_heads(self.q_proj(x), self.heads), cos, sin)
+        k = apply_rope(split_heads(self.k_proj(x), self.kv_heads), cos, sin)
+        v = split_heads(self.v_proj(x), self.kv_heads)
+        if cache is not None:
+            k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
+        return self.o_proj(merge_heads(attend(q, k, v, mask=mask))), (k, v)
+
+
+class LLMBlock(nn.Module):
+    def __init__(self, cfg: LLMConfig):
+        super().__init__()
+        self.input_layernorm, self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.eps), RMSNorm(cfg.dim, cfg.eps)
+        self.self_attn = LLMAttention(cfg)
+        self.mlp = nn.Module()
+        self.mlp.gate_proj = nn.Linear(cfg.dim, cfg.hidden, bias=False)
+        self.mlp.up_proj = nn.Linear(cfg.dim, cfg.hidden, bias=False)
+        self.mlp.down_proj = nn.Linear(cfg.hidden, cfg.dim, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache=None):
+        h, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        x = x + h
+        m, y = self.mlp, self.post_attention_layernorm(x)
+        return x + m.down_proj(F.silu(m.gate_proj(y)) * m.up_proj(y)), cache      # SwiGLU
+
+
+class LLM(nn.Module):
+    """LLaMA/Mistral decoder: RMSNorm, rotary positions, SwiGLU, grouped-query attention, untied
+    lm_head. Keys are Hugging Face's without the `model.` prefix (llm_key_map adds it)."""
+
+    def __init__(self, cfg: LLMConfig):
+        super().__init__()
+        if cfg.vocab_size <= 0:
+            raise ValueError("LLMConfig.vocab_size must be set (from the LLM tokenizer)")
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(LLMBlock(cfg) for _ in range(cfg.layers))
+        self.norm = RMSNorm(cfg.dim, cfg.eps)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=0.02)
+
+    def forward(self, embeds, pad_mask=None, cache=None, positions=None):
+        """embeds: (B, L, dim) input embeddings (text tokens and spliced visual tokens alike);
+        pad_mask: (B, T) 1 for real tokens over the cache and this step (left padding allowed);
+        cache: per-layer (k, v) list from earlier steps. Returns (logits (B, L, vocab), new cache)."""
+        B, L, _ = embeds.shape
+        past = 0 if cache is None else cache[0][0].shape[2]
+        if pad_mask is None:
+            pad_mask = torch.ones(B, past + L, dtype=torch.long, device=embeds.device)
+        if positions is None:                                  # count real tokens: left padding is fine
+            positions = (pad_mask.long().cumsum(1) - 1).clamp_min(0)[:, past:]
+        cos, sin = rope_tables(positions, self.cfg.dim // self.cfg.heads, self.cfg.rope_theta)
+        causal = torch.ones(L, past + L, dtype=torch.bool, device=embeds.device).tril(past)
+        mask = causal[None, None] & pad_mask.bool()[:, None, None, :]               # (B, 1, L, T)
+        x, new_cache = embeds, []
+        for i, layer in enumerate(self.layers):
+            x, kv = layer(x, cos, sin, mask, None if cache is None else cache[i])
+            new_cache.append(kv)
+        return self.lm_head(self.norm(x)), new_cache
+
+
+def llm_key_map(llm):
+    """{our key: Hugging Face Mistral/LLaMA key}: the same names under `model.`, except lm_head."""
+    return {k: (k if k.startswith("lm_head") else "model." + k) for k in llm.state_dict()}
+
+
+def load_llm(llm, state):
+    """Load a Hugging Face Mistral/LLaMA state dict (e.g. the merged safetensors of Mistral-7B);
+    missing or mis-shaped keys raise KeyError naming them."""
+    own, new, bad = llm.state_dict(), {}, []
+    for ours, theirs in llm_key_map(llm).items():
+        if theirs not in state:
+            bad.append(f"missing {theirs}")
+        elif state[theirs].shape != own[ours].shape:
+            bad.append(f"{theirs}: {tuple(state[theirs].shape)} vs {tuple(own[ours].shape)}")
+        else:
+            new[ours] = state[theirs]
+    if bad:
+        raise KeyError(f"LLM checkpoint does not fit: {bad[:10]}")
+    llm.load_state_dict(new)
+
+
+def sample_next(logits, temperature=0.0, top_p=1.0, generator=None):
+    """(B, V) logits -> (B,) ids: greedy at temperature 0, else temperature and nucleus (top-p) sampling."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = F.softmax(logits.float() / temperature, dim=-1)
+    sorted_p, order = probs.sort(dim=-1, descending=True)
+    outside = sorted_p.cumsum(-1) - sorted_p > top_p                   # keep the smallest set reaching top_p
+    sorted_p = sorted_p.masked_fill(outside, 0.0)
+    pick = torch.multinomial(sorted_p / sorted_p.sum(-1, keepdim=True), 1, generator=generator)
+    return order.gather(-1, pick).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(llm, embeds, pad_mask, max_new_tokens, eos_id, temperature=0.0, top_p=1.0, generator=None):
+    """Decode with the KV cache: one forward over the (left-padded) prompt embeddings (B, L, dim),
+    then one token at a time. Returns (B, n) ids; rows that finished are filled with eos_id."""
+    logits, cache = llm(embeds, pad_mask)
+    out, done = [], torch.zeros(embeds.shape[0], dtype=torch.bool, device=embeds.device)
+    for _ in range(max_new_tokens):
+        nxt = sample_next(logits[:, -1], temperature, top_p, generator).masked_fill(done, eos_id)
+        out.append(nxt)
+        done |= nxt == eos_id
+        if done.all():
+            break
+        pad_mask = torch.cat([pad_mask, torch.ones_like(pad_mask[:, :1])], dim=1)
+        logits, cache = llm(llm.embed_tokens(nxt[:, None]), pad_mask, cache)
+    return torch.stack(out, dim=1)
+
+
+class LoRALinear(nn.Module):
+    """W x + (alpha / r) B A dropout(x), with A ~ Kaiming-uniform and B = 0 so training starts at W;
+    `merge` folds B A into W for inference (equal outputs, tested)."""
+
+    def __init__(self, base: nn.Linear, r=16, alpha=32, dropout=0.1):
+        super().__init__()
+        self.base, self.scale = base, alpha / r
+        self.lora_A = nn.Linear(base.in_features, r, bias=False)
+        self.lora_B = nn.Linear(r, base.out_features, bias=False)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+        self.drop = nn.Dropout(dropout)
+        base.requires_grad_(False)
+
+    def forward(self, x):
+        return self.base(x) + self.lora_B(self.lora_A(self.drop(x))) * self.scale
+
+    @torch.no_grad()
+    def merged(self):
+        w = self.base.weight + self.scale * (self.lora_B.weight @ self.lora_A.weight).to(self.base.weight.dtype)
+        lin = nn.Linear(self.base.in_features, self.base.out_features, bias=self.base.bias is not None,
+                        device=w.device, dtype=w.dtype)
+        lin.weight.copy_(w)
+        if self.base.bias is not None:
+            lin.bias.copy_(self.base.bias)
+        return lin
+
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def add_lora(llm, r=16, alpha=32, dropout=0.1, targets=LORA_TARGETS):
+    """Freeze the LLM and wrap every target Linear in LoRA (r=16, alpha=32, dropout 0.1; FACTS 3)."""
+    llm.requires_grad_(False)
+    for parent in list(llm.modules()):
+        for name, child in list(parent.named_children()):
+            if name in targets and isinstance(child, nn.Linear):
+                setattr(parent, name, LoRALinear(child, r, alpha, dropout))
+    return llm
+
+
+def merge_lora(llm):
+    """Replace every LoRALinear by its merged Linear (in place)."""
+    for parent in list(llm.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, LoRALinear):
+                setattr(parent, name, child.merged())
+    return llm
+
+
+class Stage3Model(nn.Module):
+    """Video encoder (tokens of its penultimate block + an extra LayerNorm) -> Q-Former (queries,
+    optionally conditioned on the instruction) -> Linear to the LLM width -> LLM (FACTS 3). The
+    contrastive/matching heads serve the Q-Former alignment sub-stage."""
+
+    def __init__(self, vcfg: VisionConfig, qcfg: QFormerConfig, lcfg: LLMConfig, embed_dim=256, temp=0.07):
+        super().__init__()
+        self.vision_encoder = InternVideo2(vcfg)
+        self.vision_layernorm = nn.LayerNorm(vcfg.embed_dim, eps=1e-12)        # vit_add_ln
+        self.qformer = QFormer(replace(qcfg, vision_width=vcfg.embed_dim))
+        self.llm_proj = nn.Linear(qcfg.hidden, lcfg.dim)                        # VideoChat2's mistral_proj
+        self.llm = LLM(lcfg)
+        self.vision_proj, self.text_proj = nn.Linear(qcfg.hidden, embed_dim), nn.Linear(qcfg.hidden, embed_dim)
+        self.itm_head = nn.Linear(qcfg.hidden, 2)
+        self.temp = nn.Parameter(torch.tensor(temp))
+
+    def video_tokens(self, video):
+        """(B, 3, T, H, W) -> (B, 1 + N, D): the penultimate block's tokens (x_vis_return_idx = -2)."""
+        depth = len(self.vision_encoder.blocks)
+        x, _ = self.vision_encoder.forward_features(video, stop_after=depth - 2)
+        return self.vision_layernorm(x)
+
+    def visual_embeds(self, video_tokens, instr_ids=None, instr_mask=None):
+        """-> (B, Q, llm dim): query outputs, conditioned on the instruction when given."""
+        mode = "query" if instr_ids is None else "joint"
+        q, _ = self.qformer(video_tokens, instr_ids, instr_mask, mode)
+        return self.llm_proj(q)
+
+    def chat_embeds(self, ids, visual, at):
+        """LLM input embeddings of token ids (B, L) with the visual embeddings (B, Q, dim) spliced in at
+        index `at` (after <Video>), replacing the placeholder slots; BOS keeps its real embedding."""
+        emb = self.llm.embed_tokens(ids)
+        return torch.cat([emb[:, :at], visual.to(emb.dtype), emb[:, at + visual.shape[1]:]], dim=1)
+
+    @staticmethod
+    def from_config(mc):
+        """Rebuild from a checkpoint's model_config (vision, qformer, llm dicts and the LoRA settings)."""
+        model = Stage3Model(VisionConfig(**mc["vision"]), QFormerConfig(**mc["qformer"]), LLMConfig(**mc["llm"]),
+                            mc.get("embed_dim", 256))
+        if mc.get("lora"):
+            add_lora(model.llm, **mc["lora"])
+        return model
 
 
 def count_params(module, trainable_only=False):

@@ -307,7 +307,7 @@ def _fit(desc, params, loss_fn, loader, steps, lr, betas, history, verbose):
         bar.set_postfix(loss=f"{loss.item():.3f}")
 
 
-def pretrain_toy_teachers(data_root, out_dir, clip_steps=250, mae_steps=120, batch=64, lr=2e-3, seed=0, log=print,
+def pretrain_toy_teachers(data_root, out_dir, clip_steps=450, mae_steps=100, batch=64, lr=2e-3, seed=0, log=print,
                           history=None, verbose=True):
     """Train the toy image teacher (CLIP) and video teacher (VideoMAE, 90% tube masking) on ToyWorld's
     train split and save them in the official layouts. Returns the two checkpoint paths; the loss
@@ -366,8 +366,8 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description="Pre-train the two toy teachers on ToyWorld.")
     p.add_argument("--data", default="data/toyworld")
     p.add_argument("--out", default="out/teachers")
-    p.add_argument("--clip_steps", type=int, default=250)
-    p.add_argument("--mae_steps", type=int, default=120)
+    p.add_argument("--clip_steps", type=int, default=450)
+    p.add_argument("--mae_steps", type=int, default=100)
     p.add_argument("--batch", type=int, default=64)
     a = p.parse_args()
     from data import make_toyworld

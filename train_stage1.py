@@ -22,10 +22,9 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import (NanGuard, RunLog, Timer, build_optimizer, check, cleanup, cosine_lr, load_checkpoint,
-                    parse_config, peak_flops, print0, restore_rng, save_checkpoint, set_lr,
-                    setup_runtime, train_step, unwrap, write_json)
-from data import (VideoTextDataset, attention_mask, make_toyworld, random_mask, train_loader, tube_mask)
+from common import (RunLog, WithLoss, build_optimizer, check, cleanup, cosine_lr, load_checkpoint, parse_config,
+                    print0, resume, run_summary, save_checkpoint, setup_runtime, training_loop, write_json)
+from data import ATTRIBUTES, VideoTextDataset, attention_mask, make_toyworld, random_mask, train_loader, tube_mask
 from evaluate import extract_features, probe_attributes
 from losses import stage1_loss
 from model import InternVideo2, count_params, gather_tokens, param_table, vision_preset
@@ -53,7 +52,7 @@ class Stage1Config:
     clip_teacher_ckpt: str = ""     # "" = out/teachers/toy_clip_teacher.pt for toy (trained if missing)
     mae_teacher_ckpt: str = ""      # "" = out/teachers/toy_mae_teacher.pt for toy (trained if missing)
     random_teachers: bool = False   # random-init teachers (benchmarks, tests); the probe is then meaningless
-    teacher_steps: tuple = (250, 120)  # (image, video) teacher steps when the toy teachers must be pre-trained
+    teacher_steps: tuple = (450, 100)  # (image, video) teacher steps when the toy teachers must be pre-trained
     # masking and loss
     mask_type: str = "attention"    # attention | tube | random (FACTS 1.5)
     mask_ratio: float = 0.8         # fraction of each frame's patches hidden from the student
@@ -106,14 +105,15 @@ MASKERS = {"attention": lambda attn, noise, r: attention_mask(attn, noise, r),
 
 def stage1_loss_fn(teachers, cfg, rt):
     """(student, batch) -> (loss, parts): teachers on the full clip, mask, student on the visible
-    tokens, targets gathered at the same slots (FACTS 1.5, 1.6, 1.9)."""
+    tokens, targets gathered at the same slots (FACTS 1.5, 1.6, 1.9). The teachers stay outside the
+    student: the closure holds them, the module tree does not."""
     mask_fn = MASKERS[cfg.mask_type]
 
     def loss_fn(student, batch):
         video = batch["video"].to(rt.device, non_blocking=True)             # (B, 3, 2T, H, W)
         tgt = teachers(video)
         visible = mask_fn(tgt["attn"], batch["mask_noise"].to(rt.device), cfg.mask_ratio)   # (B, 1+Nv)
-        out = student(video[:, :, ::2], visible, distill=True)
+        out = student.forward_distill(video[:, :, ::2], visible)
         targets = {"clip": gather_tokens(tgt["clip"], visible), "clip_final": tgt["clip_final"],
                    "mae": gather_tokens(tgt["mae"], visible[:, 1:] - 1)}
         return stage1_loss(out, targets, cfg.w_clip, cfg.w_clip_final, cfg.w_mae)
@@ -174,74 +174,42 @@ def main(argv=None):
     optimizer = build_optimizer(student, cfg.lr * lr_scale, cfg.weight_decay, (0.9, cfg.beta2), 1e-6,
                                 student.no_weight_decay(), rt.device.type)
     scaler = rt.make_scaler()
-    step, nan_guard = 0, NanGuard(cfg.max_nan_in_a_row)
-    if cfg.resume and (out_dir / "ckpt.pt").exists():
-        ck = load_checkpoint(out_dir / "ckpt.pt")
-        student.load_state_dict(ck["model"])
-        optimizer.load_state_dict(ck["optimizer"])
-        if scaler and ck.get("scaler"):
-            scaler.load_state_dict(ck["scaler"])
-        step, nan_guard.total = ck["step"], ck.get("nan_skips", 0)
-        restore_rng(ck, rt)
-        print0(f"resumed from {out_dir / 'ckpt.pt'} at step {step}", rt=rt)
-    elif cfg.init_from:
+    step, ck = resume(out_dir, student, optimizer, scaler, rt) if cfg.resume else (0, None)
+    if cfg.init_from and not cfg.resume:
         student.load_state_dict(load_checkpoint(cfg.init_from)["model"])
         print0(f"initialised the student from {cfg.init_from}", rt=rt)
-    log = RunLog(out_dir, cfg, rt, resume=cfg.resume and step > 0)
+    log = RunLog(out_dir, cfg, rt, resume=step > 0)
     print0(f"student {cfg.preset}:\n{param_table(student)}\nteachers: {cfg.clip_teacher} "
            f"{count_params(teachers.clip) / 1e6:.2f}M + {cfg.mae_teacher} {count_params(teachers.mae) / 1e6:.2f}M "
            f"(frozen) | {rt.device} {rt.dtype} world {rt.world} | global batch {global_batch} "
            f"| lr {cfg.lr * lr_scale:.2e}", rt=rt)
 
-    model = student
-    if cfg.compile:
-        model = torch.compile(model)
+    model = WithLoss(torch.compile(student) if cfg.compile else student, stage1_loss_fn(teachers, cfg, rt))
     if rt.ddp:
         unused = not (cfg.w_clip and cfg.w_clip_final and cfg.w_mae)
         model = DDP(model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None,
                     find_unused_parameters=unused)
 
     # ---- train ---------------------------------------------------------------------------------
-    loss_fn = stage1_loss_fn(teachers, cfg, rt)
+    def save(step, nan_skips):
+        save_checkpoint(out_dir / "ckpt.pt", {
+            "stage": 1, "step": step, "model": student.state_dict(), "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict() if scaler else None, "config": asdict(cfg),
+            "model_config": asdict(vcfg), "nan_skips": nan_skips}, rt)
+
     loader = iter(train_loader(train_set, cfg.batch_size, rt.rank, rt.world, cfg.seed,
                                start=step * cfg.grad_accum, workers=cfg.workers))
-    last_step = cfg.max_steps if not cfg.stop_after else min(cfg.max_steps, cfg.stop_after)
-    timer, n_bad, history = Timer(rt.device), 0, []
-    from tqdm import tqdm
-    bar = tqdm(total=last_step, initial=step, desc="stage 1", disable=not rt.master, file=sys.stdout,
-               dynamic_ncols=True, mininterval=0.5)
     student.train()
-    while step < last_step:
-        lr = cosine_lr(step, cfg.max_steps, cfg.warmup_steps, cfg.lr, cfg.min_lr) * lr_scale
-        set_lr(optimizer, lr)
-        micro = [next(loader) for _ in range(cfg.grad_accum)]
-        n_bad += sum(b["n_bad"] for b in micro)
-        loss, parts, gnorm, ok = train_step(model, micro, loss_fn, optimizer, rt, scaler, cfg.grad_clip)
-        nan_guard.update(ok, step)
-        step += 1
-        dt = timer.lap()
-        clips_s = global_batch / dt
-        history.append(loss)
-        bar.update(1)
-        bar.set_postfix_str(" ".join(f"{k} {v:.3f}" for k, v in parts.items()) + f" lr {lr:.1e} {clips_s:.0f} clips/s")
-        if step % cfg.log_every == 0 or step == last_step:
-            log(f"step {step}/{cfg.max_steps} | loss {loss:.4f} ("
-                + " ".join(f"{k} {v:.4f}" for k, v in parts.items())
-                + f") | lr {lr:.2e} | grad norm {gnorm:.3f} | {dt * 1000:.0f} ms | {clips_s:.1f} clips/s")
-        if step % cfg.ckpt_every == 0 or step == last_step:
-            save_checkpoint(out_dir / "ckpt.pt", {
-                "stage": 1, "step": step, "model": unwrap(model).state_dict(),
-                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None,
-                "config": asdict(cfg), "model_config": asdict(vcfg), "nan_skips": nan_guard.total}, rt)
-    bar.close()
-    if n_bad:
-        print0(f"skipped {n_bad} bad samples (+ {train_set.n_bad_lines} malformed lines)", rt=rt)
+    result = training_loop(
+        model, optimizer, loader, rt, cfg, step=step, scaler=scaler, log=log, save=save, desc="stage 1",
+        lr_at=lambda s: cosine_lr(s, cfg.max_steps, cfg.warmup_steps, cfg.lr, cfg.min_lr) * lr_scale,
+        clips_per_step=global_batch, nan_skips=ck.get("nan_skips", 0) if ck else 0)
+    if result["n_bad"]:
+        print0(f"skipped {result['n_bad']} bad samples (+ {train_set.n_bad_lines} malformed lines)", rt=rt)
 
     # ---- evaluate ------------------------------------------------------------------------------
-    metrics = {"stage": 1, "steps": step, "preset": cfg.preset, "loss_first": history[0] if history else None,
-               "loss_last": sum(history[-10:]) / len(history[-10:]) if history else None,
-               "nan_skips": nan_guard.total, "bad_samples": n_bad}
-    if cfg.eval and step == cfg.max_steps:
+    metrics = {"stage": 1, "preset": cfg.preset, **run_summary(result, cfg.max_steps)}
+    if cfg.eval and result["step"] == cfg.max_steps:
         metrics.update(evaluate_stage1(student, teachers, cfg, vcfg, rt))
     if rt.master:
         write_json(out_dir / "metrics.json", metrics)
@@ -288,7 +256,6 @@ def evaluate_stage1(student, teachers, cfg, vcfg, rt):
         out.update({f"probe_{name}_{a}": v for a, v in accs.items()})
         print0(f"probe {name:<13} mean {out[f'probe_acc_{name}']:.3f} | "
                + " ".join(f"{a} {v:.3f}" for a, v in accs.items()) + f" | {time.time() - t0:.0f}s", rt=rt)
-    from data import ATTRIBUTES
     chance = {a: 1 / len(c) for a, c in ATTRIBUTES.items() if f"probe_student_{a}" in out}
     out["probe_chance"] = sum(chance.values()) / len(chance)
     out.update({f"probe_chance_{a}": v for a, v in chance.items()})

@@ -17,6 +17,21 @@ def toyworld(tmp_path_factory):
                          verbose=False)
 
 
+@pytest.fixture(scope="session")
+def toy_pretrained(toyworld, tmp_path_factory):
+    """Tiny toy BERT and toy LLM checkpoints (a few steps: the tests need their layout, not their skill)."""
+    from dataclasses import replace
+    from data import ToyLLMTokenizer, WordPieceTokenizer
+    from model import LLM_PRESETS, text_preset
+    from pretrain_toys import pretrain_toy_bert, pretrain_toy_llm
+    out = tmp_path_factory.mktemp("pretrained")
+    bert_tok, llm_tok = WordPieceTokenizer(toyworld / "vocab.txt"), ToyLLMTokenizer(toyworld / "vocab.txt")
+    bert = pretrain_toy_bert(toyworld, bert_tok, text_preset("toy", vocab_size=len(bert_tok)), out / "bert.pt", steps=30)
+    llm = pretrain_toy_llm(toyworld, llm_tok, replace(LLM_PRESETS["toy"], vocab_size=len(llm_tok)), out / "llm.pt",
+                           steps=30)
+    return {"bert": bert, "llm": llm}
+
+
 def run_two_ranks(fn, tmp_path, *args, timeout=240, world=2):
     """Run fn(rank, world, init_file, out_path, *args) in `world` spawned processes over gloo and return
     their results (what each saved with torch.save to out_path). Robust to the rare abort of a rank

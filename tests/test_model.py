@@ -73,16 +73,16 @@ def test_masked_forward_ignores_pixels_of_masked_patches():
     cfg, B = m.cfg, 2
     video = torch.randn(B, 3, cfg.num_frames, cfg.img_size, cfg.img_size, dtype=torch.float64)
     visible = _visible(B, cfg.grid[0], cfg.grid[1] ** 2, 25)
-    out = m(video, visible, distill=True)
+    out = m.forward_distill(video, visible)
     hidden = torch.ones(B, cfg.num_patches, dtype=torch.bool).scatter(1, visible[:, 1:] - 1, False)
     noise = torch.randn_like(video) * 10
     p, g = cfg.patch_size, cfg.grid[1]                     # pixel mask of the hidden patches
     pix = hidden.view(B, 1, cfg.grid[0], g, 1, g, 1).expand(B, 3, cfg.grid[0], g, p, g, p)
     pix = pix.reshape(video.shape)
-    out2 = m(torch.where(pix, video + noise, video), visible, distill=True)
+    out2 = m.forward_distill(torch.where(pix, video + noise, video), visible)
     for k in out:
         torch.testing.assert_close(out[k], out2[k])
-    changed = m(torch.where(pix, video, video + noise), visible, distill=True)   # visible pixels do matter
+    changed = m.forward_distill(torch.where(pix, video, video + noise), visible)   # visible pixels do matter
     assert not torch.allclose(changed["clip"], out["clip"])
 
 
@@ -91,7 +91,7 @@ def test_distill_outputs_shapes_and_unit_norm():
     cfg, B = m.cfg, 3
     video = torch.randn(B, 3, cfg.num_frames, cfg.img_size, cfg.img_size, dtype=torch.float64)
     visible = _visible(B, cfg.grid[0], cfg.grid[1] ** 2, 17)
-    out = m(video, visible, distill=True)
+    out = m.forward_distill(video, visible)
     assert out["clip"].shape == (cfg.clip_return_layers, B, 18, cfg.clip_teacher_dim)
     assert out["mae"].shape == (cfg.mae_return_layers, B, 17, cfg.mae_teacher_dim)
     assert out["clip_final"].shape == (B, cfg.clip_teacher_final_dim)
@@ -166,7 +166,7 @@ def test_activation_checkpointing_gives_the_same_gradients():
     for n in (0, 3):
         m.grad_ckpt_blocks = n
         m.zero_grad()
-        out = m(video, visible, distill=True)
+        out = m.forward_distill(video, visible)
         (out["clip"].sum() + out["mae"].pow(2).sum() + out["clip_final"].sum()).backward()
         grads.append([p.grad.clone() for p in m.parameters()])
     for a, b in zip(*grads):

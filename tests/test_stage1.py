@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from common import ConfigError, Runtime, train_step
+from common import ConfigError, Runtime, WithLoss, train_step
 from conftest import run_two_ranks, save_result
 from data import VideoTextDataset, train_loader
 from model import InternVideo2, vision_preset
@@ -67,7 +67,8 @@ def _one_sgd_step(toyworld, rt, micro_batch, accum, model_wrap=lambda m: m):
     ds = VideoTextDataset(Path(toyworld) / "train.jsonl", 16, 32, train=True, noise_grid=(8, 16))
     loader = iter(train_loader(ds, micro_batch, rt.rank, rt.world, 0, 0, workers=0))
     opt = torch.optim.SGD(student.parameters(), lr=1.0)
-    train_step(model_wrap(student), [next(loader) for _ in range(accum)], stage1_loss_fn(teachers, cfg, rt), opt, rt)
+    model = model_wrap(WithLoss(student, stage1_loss_fn(teachers, cfg, rt)))
+    train_step(model, [next(loader) for _ in range(accum)], opt, rt)
     return {k: before[k] - v for k, v in student.state_dict().items()}
 
 
@@ -115,7 +116,7 @@ def test_non_finite_loss_skips_the_step_and_stops_after_several():
     before = net.weight.clone()
     opt = torch.optim.SGD(net.parameters(), lr=1.0)
     nan_fn = lambda m, b: ((m(b) * float("nan")).sum(), {})
-    loss, _, _, ok = train_step(net, [torch.ones(2, 3)], nan_fn, opt, rt)
+    loss, _, _, ok = train_step(WithLoss(net, nan_fn), [torch.ones(2, 3)], opt, rt)
     assert not ok and torch.equal(net.weight, before) and net.weight.grad is None
     guard = NanGuard(limit=3)
     guard.update(False, 0)

@@ -1,0 +1,99 @@
+"""pretrain_toys.py: toy stand-ins for the pre-trained checkpoints the official recipe starts from.
+
+Stage 2 starts its text encoder from bert-large-uncased and stage 3 its Q-Former from bert-base-uncased
+and its LLM from Mistral-7B (FACTS 2.3, 3). Random networks in their place make matching and the frozen
+LLM of stage 3 unlearnable at toy scale, so ToyWorld gets small pre-trained ones, trained on its
+training texts in seconds and saved with Hugging Face key names, to be loaded through the very
+functions that load the real checkpoints (load_bert, load_llm). The stage scripts call these when the
+toy checkpoints are missing.
+
+    python pretrain_toys.py --data=data/toyworld        # writes out/text/toy_bert.pt and out/llm/toy_llm.pt
+"""
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from common import cosine_lr, print0
+from data import build_chat, load_jsonl
+from losses import answer_loss, mask_tokens, token_cross_entropy
+from model import LLM, TextEncoder, bert_key_map, llm_key_map
+
+
+def _texts(data_root):
+    recs, _ = load_jsonl(Path(data_root) / "train.jsonl")
+    texts = [r[k] for r in recs for k in ("caption", "audio_caption", "asr", "avs_caption") if r.get(k)]
+    return recs, texts + [f"{qa['q']} {qa['a']}" for r in recs for qa in r.get("qa", [])]
+
+
+def _fit(desc, params, loss_at, steps, lr):
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    for step in tqdm(range(steps), desc=desc, file=sys.stdout, mininterval=0.5):
+        for grp in opt.param_groups:
+            grp["lr"] = cosine_lr(step, steps, max(1, steps // 10), lr, lr / 100)
+        loss = loss_at(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return loss.item()
+
+
+def pretrain_toy_bert(data_root, tok, tcfg, path, steps=150, batch=64, lr=1e-3, max_len=24, seed=0):
+    """The stand-in for bert-*-uncased: masked LM (15%, 80/10/10) on ToyWorld's training texts, every
+    layer text-only as in BERT's own pre-training. About 15 s on 2 CPU cores."""
+    _, texts = _texts(data_root)
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    enc = TextEncoder(tcfg)
+
+    def loss_at(step):
+        ids, mask = tok.encode([texts[i] for i in torch.randint(len(texts), (batch,), generator=g)], max_len)
+        corrupted, labels = mask_tokens(ids, mask, len(tok), tok.mask_id, tok.cls_id, prob=0.15)
+        h = enc.forward_fusion(enc.forward_text(corrupted, mask), mask, memory=None)
+        return token_cross_entropy(enc.mlm_logits(h), labels)
+    loss = _fit("toy BERT (masked LM on ToyWorld text)", enc.parameters(), loss_at, steps, lr)
+    key_map = bert_key_map(enc.cfg)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({key_map[k]: v for k, v in enc.state_dict().items() if ".cross" not in k}, path)
+    print0(f"toy BERT saved to {path} (masked-LM loss {loss:.3f} after {steps} steps)")
+    return path
+
+
+def pretrain_toy_llm(data_root, tok, lcfg, path, steps=300, batch=64, lr=2e-3, max_len=48, seed=0):
+    """The stand-in for Mistral-7B: next-token training on ToyWorld's texts in the chat format, with no
+    video (the visual slots left empty): it learns the language and the format, and can only guess
+    answers from the question alone. About 30 s on 2 CPU cores."""
+    recs, _ = _texts(data_root)
+    convs = [(qa["q"], qa["a"]) for r in recs for qa in r.get("qa", [])]
+    convs += [("describe the video.", r["caption"]) for r in recs if r.get("caption")]
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    llm = LLM(lcfg)
+
+    def loss_at(step):
+        rows = [build_chat(tok, [convs[i]], 0, max_len) for i in torch.randint(len(convs), (batch,), generator=g)]
+        ids, labels, mask = (torch.stack([r[k] for r in rows]) for k in range(3))
+        logits, _ = llm(llm.embed_tokens(ids), mask)
+        return answer_loss(logits, labels)
+    loss = _fit("toy LLM (next token on ToyWorld text)", llm.parameters(), loss_at, steps, lr)
+    key_map = llm_key_map(llm)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({key_map[k]: v for k, v in llm.state_dict().items()}, path)
+    print0(f"toy LLM saved to {path} (answer loss {loss:.3f} after {steps} steps)")
+    return path
+
+
+if __name__ == "__main__":
+    from data import ToyLLMTokenizer, WordPieceTokenizer, make_toyworld
+    from model import LLM_PRESETS, text_preset
+    from dataclasses import replace
+    args = dict(a[2:].split("=", 1) for a in sys.argv[1:] if a.startswith("--") and "=" in a)
+    data = args.get("data", "data/toyworld")
+    make_toyworld(data)
+    bert_tok = WordPieceTokenizer(Path(data) / "vocab.txt")
+    pretrain_toy_bert(data, bert_tok, text_preset("toy", vocab_size=len(bert_tok)), "out/text/toy_bert.pt")
+    llm_tok = ToyLLMTokenizer(Path(data) / "vocab.txt")
+    pretrain_toy_llm(data, llm_tok, replace(LLM_PRESETS["toy"], vocab_size=len(llm_tok)), "out/llm/toy_llm.pt")

@@ -1,0 +1,245 @@
+"""Stage 2: tokenizer, fbank, audio input checks, text/audio encoders and their checkpoint layouts,
+matching negatives, MLM masking, the causal variant, the stage-1 hand-off, a short run, torchrun."""
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from data import DataError, WordPieceTokenizer, kaldi_fbank, load_fbank, resample
+from losses import captioning_loss, hard_negatives, mask_tokens, matching_loss
+from model import (AudioEncoder, InternVideo2, Stage2Model, TextEncoder, audio_preset, bert_key_map, count_params,
+                   load_beats, load_bert, text_preset, vision_preset)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def vocab(tmp_path):
+    path = tmp_path / "vocab.txt"
+    path.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "un", "##aff", "##able", "the",
+                               "dog", ",", "runs", "run", "##s", "cafe"]) + "\n")
+    return WordPieceTokenizer(path)
+
+
+def test_wordpiece_on_a_known_vocab(vocab):
+    assert vocab.tokenize("UnAffable, the DOG runs!") == ["un", "##aff", "##able", ",", "the", "dog", "runs", "[UNK]"]
+    assert vocab.tokenize("Café dogs") == ["cafe", "dog", "##s"]       # accents stripped, sub-words
+    assert vocab.tokenize("runs runss") == ["runs", "runs", "##s"]   # greedy longest match first
+    ids, mask = vocab.encode(["the dog", "unaffable runs the dog ,"], max_len=6)
+    assert ids.tolist() == [[2, 8, 9, 3, 0, 0], [2, 5, 6, 7, 11, 3]]    # [CLS] ... [SEP] [PAD], truncated
+    assert mask.tolist() == [[1, 1, 1, 1, 0, 0], [1] * 6]
+    assert vocab.decode(ids[1]) == "unaffable runs"
+
+
+def _fixed_signal():
+    t = torch.arange(4000) / 16000
+    wave = (0.3 * torch.sin(2 * math.pi * 440 * t) + 0.2 * torch.sin(2 * math.pi * 3000 * t)
+            + 0.1 * torch.sin(2 * math.pi * (200 + 2000 * t) * t) + 0.05 * torch.sin(12345.678 * t * t * 1000))
+    return (wave * 2 ** 15).float()
+
+
+def test_fbank_equals_kaldi():
+    """Reference values from torchaudio.compliance.kaldi.fbank(wave, num_mel_bins=64,
+    sample_frequency=16000, frame_length=25, frame_shift=10) (torchaudio 2.9.1), and the library
+    itself when it is installed."""
+    fb = kaldi_fbank(_fixed_signal())
+    assert fb.shape == (23, 64)
+    expected = torch.tensor([[10.078968, 19.667847, 18.149637, 19.051487, 21.005396, 22.221725],
+                             [12.420353, 11.603579, 14.477592, 18.903973, 22.079969, 23.167061],
+                             [12.957582, 14.632671, 17.167356, 19.577642, 21.528182, 22.609144]])
+    torch.testing.assert_close(fb[[0, 7, 22]][:, [0, 5, 17, 31, 48, 63]], expected, atol=2e-4, rtol=0)
+    assert abs(float(fb.sum()) - 29160.7734) < 0.5
+    try:
+        import torchaudio
+    except ImportError:
+        return
+    ref = torchaudio.compliance.kaldi.fbank(_fixed_signal()[None], num_mel_bins=64, sample_frequency=16000,
+                                            frame_length=25, frame_shift=10)
+    torch.testing.assert_close(fb, ref, atol=2e-4, rtol=0)
+
+
+def test_audio_sample_rate_is_refused_or_resampled(tmp_path):
+    import soundfile as sf
+    t = np.arange(8000) / 8000
+    sf.write(tmp_path / "a.wav", (0.5 * np.sin(2 * np.pi * 500 * t)).astype(np.float32), 8000)
+    with pytest.raises(DataError, match=r"a\.wav: sample rate 8000 Hz.*--resample_audio"):
+        load_fbank(tmp_path / "a.wav", 98, train=False)
+    fb = load_fbank(tmp_path / "a.wav", 98, train=False, allow_resample=True)
+    assert fb.shape == (98, 64) and torch.isfinite(fb).all()
+    up = resample(torch.from_numpy(np.sin(2 * np.pi * 500 * t)).float(), 8000, 16000)   # a 500 Hz tone stays 500 Hz
+    assert up.numel() == 16000 and int(torch.fft.rfft(up).abs().argmax()) == 500
+    with pytest.raises(DataError, match="missing.wav: audio file does not exist"):
+        load_fbank(tmp_path / "missing.wav", 98, train=False)
+
+
+def _text(**kw):
+    torch.manual_seed(0)
+    return TextEncoder(text_preset("toy", vocab_size=50, **kw)).eval()
+
+
+def test_text_only_forward_never_touches_the_fusion_layers():
+    enc = _text()
+    ids = torch.randint(5, 50, (2, 7))
+    enc.forward_text(ids, torch.ones_like(ids))[:, 0].sum().backward()
+    fusion = [p for i, l in enumerate(enc.layers) if i >= enc.cfg.fusion_layer for p in l.parameters()]
+    assert fusion and all(p.grad is None for p in fusion)
+    assert all(p.grad is not None for p in enc.layers[0].parameters())
+
+
+def test_causal_variant_never_sees_the_future():
+    enc = _text()
+    ids = torch.randint(5, 50, (1, 8))
+    mask, memory = torch.ones_like(ids), torch.randn(1, 5, enc.cfg.cross_width)
+    h = enc.forward_fusion(enc.forward_text(ids, mask, causal=True), mask, memory, causal=True)
+    ids2 = ids.clone()
+    ids2[0, 5:] = 7
+    h2 = enc.forward_fusion(enc.forward_text(ids2, mask, causal=True), mask, memory, causal=True)
+    torch.testing.assert_close(h[:, :5], h2[:, :5])
+    assert not torch.allclose(h[:, 5:], h2[:, 5:])
+    loss = captioning_loss(enc, ids, mask, memory)
+    assert torch.isfinite(loss) and loss > 0
+
+
+def test_bert_loads_from_hugging_face_names_and_reports_the_new_cross_attention():
+    src, dst = _text(), _text()
+    torch.manual_seed(5)
+    for p in src.parameters():
+        p.data.normal_()
+    key_map = bert_key_map(src.cfg)
+    official = {key_map[k]: v for k, v in src.state_dict().items() if k in key_map}
+    assert "bert.encoder.layer.3.crossattention.self.key.weight" in official
+    assert load_bert(dst, official) == []
+    ids = torch.randint(5, 50, (2, 6))
+    torch.testing.assert_close(dst.forward_text(ids, torch.ones_like(ids)), src.forward_text(ids, torch.ones_like(ids)))
+    plain = {k: v for k, v in official.items() if "crossattention" not in k}     # a plain BERT checkpoint
+    fresh = load_bert(_text(), plain)
+    assert fresh and all(".cross" in k for k in fresh)
+    with pytest.raises(KeyError, match="word_embeddings"):
+        load_bert(_text(), {**plain, "bert.embeddings.word_embeddings.weight": torch.zeros(3, 3)})
+
+
+def test_bert_large_parameter_count_on_meta():
+    with torch.device("meta"):
+        enc = TextEncoder(text_preset("bert-large"))
+    cross = sum(p.numel() for n, p in enc.named_parameters() if ".cross" in n)
+    assert 334e6 < count_params(enc) - cross < 336e6           # BERT-large + MLM head, about 335M
+    assert len(enc.layers) == 24 and sum(hasattr(l, "cross") for l in enc.layers) == 5
+
+
+def test_beats_loads_from_the_official_layout():
+    torch.manual_seed(0)
+    cfg = audio_preset("toy")
+    src = AudioEncoder(cfg).eval()
+    official = {}
+    for k, v in src.state_dict().items():
+        k = k.replace("encoder.pos_conv.", "encoder.pos_conv.0.")
+        if k == "encoder.relative_attention_bias.weight":
+            for i in range(cfg.layers):                          # every layer carries the shared table
+                official[f"encoder.layers.{i}.self_attn.relative_attention_bias.weight"] = v
+            continue
+        official[k] = v
+    ck = {"cfg": {"encoder_embed_dim": cfg.dim, "encoder_layers": cfg.layers, "encoder_attention_heads": cfg.heads,
+                  "encoder_ffn_embed_dim": cfg.ffn, "embed_dim": cfg.embed, "conv_pos": cfg.pos_conv,
+                  "conv_pos_groups": cfg.pos_conv_groups, "num_buckets": cfg.num_buckets,
+                  "max_distance": cfg.max_distance}, "model": official}
+    loaded = load_beats(ck).eval()
+    fbank = torch.randn(2, 98, 64)
+    out = loaded(fbank)
+    assert out.shape == (2, 24, cfg.dim)
+    torch.testing.assert_close(out, src(fbank))
+    del official["encoder.layers.1.fc1.weight"]
+    with pytest.raises(KeyError, match="encoder.layers.1.fc1.weight"):
+        load_beats(ck)
+
+
+def test_hard_negatives_are_never_positives():
+    torch.manual_seed(0)
+    ids = torch.tensor([0, 0, 1, 2, 2, 2, 3, 4])
+    for _ in range(50):
+        neg, valid = hard_negatives(torch.randn(8, 8) * 5, ids)
+        assert valid.all() and torch.all(ids[neg] != ids)
+    neg, valid = hard_negatives(torch.randn(3, 3), torch.tensor([7, 7, 7]))   # nothing but positives
+    assert not valid.any()
+    match = lambda s, m, mem: torch.stack([s.sum((1, 2)), mem.sum((1, 2))], 1)
+    v = torch.randn(1, 4, requires_grad=True)
+    loss = matching_loss(match, torch.randn(1, 3, 4), torch.ones(1, 3), torch.randn(1, 2, 4), v, torch.randn(1, 4),
+                         0.07, torch.tensor([0]))                              # a batch of one: positives only
+    assert torch.isfinite(loss)
+
+
+def test_mlm_masking_rates_and_never_masked_tokens():
+    torch.manual_seed(0)
+    ids = torch.randint(5, 1000, (400, 40))
+    ids[:, 0] = 2                                                               # [CLS]
+    pad = torch.ones_like(ids)
+    pad[:, 30:] = 0
+    ids[:, 30:] = 0                                                             # [PAD]
+    out, labels = mask_tokens(ids, pad, 1000, mask_id=4, cls_id=2, prob=0.5)
+    picked = labels != -100
+    assert not picked[:, 0].any() and not picked[:, 30:].any()                 # CLS and PAD never masked
+    assert torch.equal(out[:, 0], ids[:, 0]) and torch.equal(out[:, 30:], ids[:, 30:])
+    assert abs(picked[:, 1:30].float().mean().item() - 0.5) < 0.01
+    n = picked.sum().item()
+    became_mask = (out[picked] == 4).sum().item() / n
+    unchanged = (out[picked] == ids[picked]).sum().item() / n
+    assert abs(became_mask - 0.8) < 0.01 and abs(unchanged - 0.1) < 0.01       # so ~10% random tokens
+    assert torch.equal(labels[picked], ids[picked])
+
+
+def test_stage1_to_stage2_hand_off_loads_every_encoder_weight(tmp_path):
+    from train_stage2 import load_stage1_into
+    from common import Runtime
+    from dataclasses import asdict
+    torch.manual_seed(0)
+    vcfg1 = vision_preset("toy")
+    student = InternVideo2(vcfg1, with_heads=True)
+    torch.save({"stage": 1, "model": student.state_dict(), "model_config": asdict(vcfg1)}, tmp_path / "s1.pt")
+    model = Stage2Model(vision_preset("toy", num_frames=4), text_preset("toy", vocab_size=40), audio_preset("toy"), 96, 96)
+    load_stage1_into(model, tmp_path / "s1.pt", 4, Runtime(torch.device("cpu"), torch.float32))
+    enc, src = model.vision_encoder.state_dict(), student.state_dict()
+    for k, v in enc.items():
+        if k != "pos_embed":
+            assert torch.equal(v, src[k]), k
+    t8 = src["pos_embed"][0, 1:].view(8, 16, -1)                  # 8 -> 4 frames: pairs averaged (linear)
+    torch.testing.assert_close(enc["pos_embed"][0, 1:].view(4, 16, -1), (t8[0::2] + t8[1::2]) / 2)
+    assert not any(k.startswith(("clip_decoder", "mae_decoder", "clip_pos_embed")) for k in enc)
+
+
+def _stage2_args(toyworld, out, bert, *extra):
+    return [f"--data={toyworld}", f"--out_dir={out}", f"--text_ckpt={bert}", "--batch_size=8", "--workers=0",
+            "--log_every=1", "--warmup_steps=2", "--eval_batch=16", "--rerank_k=4", *extra]
+
+
+def test_short_run_lowers_every_loss_term_and_evaluates(toyworld, toy_pretrained, tmp_path):
+    from train_stage2 import main
+    m = main(_stage2_args(toyworld, tmp_path, toy_pretrained["bert"], "--max_steps=40", "--lr=3e-3"))
+    for name in ("vtc", "vtm", "mlm", "atc", "avtc", "avtm", "avmlm"):
+        assert m[f"loss_last_{name}"] < m[f"loss_first_{name}"], (name, m)
+    for key in ("t2v_r1", "v2t_r1", "t2v_r1_rerank", "v2t_r1_rerank", "t2a_r1", "t2av_r1", "zeroshot_cls_acc",
+                "t2v_r1_chance", "t2a_r1_chance", "t2av_r1_chance", "zeroshot_cls_chance"):
+        assert 0.0 <= m[key] <= 1.0, key
+
+
+def test_causal_mode_and_video_only_run(toyworld, toy_pretrained, tmp_path):
+    from train_stage2 import main
+    m = main(_stage2_args(toyworld, tmp_path, toy_pretrained["bert"], "--max_steps=3", "--mlm_mode=causal",
+                          "--audio=none", "--eval=False"))
+    assert set(k[len("loss_first_"):] for k in m if k.startswith("loss_first_")) == {"vtc", "vtm", "mlm"}
+
+
+def test_torchrun_two_processes_stage2(toyworld, toy_pretrained, tmp_path):
+    """As for stage 1: a rank aborting at interpreter exit after finishing is tolerated."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "train_stage2.py"), *_stage2_args(toyworld, tmp_path, toy_pretrained["bert"], "--max_steps=2",
+                                                         "--batch_size=4", "--eval=False")]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert (tmp_path / "metrics.json").exists(), r.stdout[-2000:] + r.stderr[-4000:]
+    ck = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    assert ck["step"] == 2 and ck["world"] == 2
+    if r.returncode != 0:
+        assert "step 2/2" in (tmp_path / "log.txt").read_text(), r.stderr[-4000:]

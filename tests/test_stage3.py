@@ -1,0 +1,177 @@
+"""Stage 3: the LLM (KV cache, GQA, RoPE), LoRA, the answer-only loss, the instruction format,
+frozen parts per sub-stage, the stage-2 hand-off, a short run, chat."""
+import math
+from dataclasses import asdict, replace
+
+import pytest
+import torch
+
+from common import Runtime
+from data import ToyLLMTokenizer, WordPieceTokenizer, build_chat, video_index
+from losses import answer_loss
+from model import (LLM, LLM_PRESETS, LLMAttention, QFORMER_PRESETS, LoRALinear, Stage2Model, Stage3Model, add_lora,
+                   apply_rope, audio_preset, count_params, generate, merge_lora, rope_tables, text_preset,
+                   vision_preset)
+
+
+def _llm(**kw):
+    torch.manual_seed(0)
+    return LLM(replace(LLM_PRESETS["toy"], vocab_size=60, **kw)).eval()
+
+
+def test_generation_with_the_kv_cache_equals_recomputation():
+    llm = _llm()
+    emb = torch.randn(2, 5, 128)
+    mask = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]])          # left padding in row 0
+    out = generate(llm, emb, mask, max_new_tokens=6, eos_id=-1)
+    seq, m = emb, mask                                               # from scratch: the whole sequence each step
+    for t in range(6):
+        logits, _ = llm(seq, m)
+        nxt = logits[:, -1].argmax(-1)
+        assert torch.equal(nxt, out[:, t])
+        seq = torch.cat([seq, llm.embed_tokens(nxt)[:, None]], 1)
+        m = torch.cat([m, torch.ones(2, 1, dtype=m.dtype)], 1)
+    first, _ = llm(emb[:1, 1:], None)                                 # padding changes nothing for row 0
+    torch.testing.assert_close(llm(emb, mask)[0][0, -1], first[0, -1], atol=1e-5, rtol=1e-4)
+
+
+def test_gqa_equals_standard_attention_with_repeated_kv_heads():
+    torch.manual_seed(0)
+    cfg = replace(LLM_PRESETS["toy"], vocab_size=10)
+    gqa = LLMAttention(cfg)                                          # 4 query heads, 2 kv heads
+    mha = LLMAttention(replace(cfg, kv_heads=cfg.heads))
+    hd, rep = cfg.dim // cfg.heads, cfg.heads // cfg.kv_heads
+    with torch.no_grad():
+        mha.q_proj.weight.copy_(gqa.q_proj.weight)
+        mha.o_proj.weight.copy_(gqa.o_proj.weight)
+        for name in ("k_proj", "v_proj"):
+            w = getattr(gqa, name).weight.view(cfg.kv_heads, hd, -1)
+            getattr(mha, name).weight.copy_(w.repeat_interleave(rep, 0).reshape(-1, cfg.dim))
+    x = torch.randn(2, 7, cfg.dim)
+    cos, sin = rope_tables(torch.arange(7)[None].expand(2, -1), hd, cfg.rope_theta)
+    causal = torch.ones(7, 7, dtype=torch.bool).tril()[None, None]
+    torch.testing.assert_close(gqa(x, cos, sin, causal)[0], mha(x, cos, sin, causal)[0], atol=1e-5, rtol=1e-4)
+    q = mha.q_proj(x).view(2, 7, cfg.heads, hd).transpose(1, 2)       # and MHA is the textbook formula
+    k = mha.k_proj(x).view(2, 7, cfg.heads, hd).transpose(1, 2)
+    v = mha.v_proj(x).view(2, 7, cfg.heads, hd).transpose(1, 2)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    s = (q @ k.transpose(-2, -1) / math.sqrt(hd)).masked_fill(~causal, float("-inf"))
+    ref = mha.o_proj((s.softmax(-1) @ v).transpose(1, 2).reshape(2, 7, -1))
+    torch.testing.assert_close(mha(x, cos, sin, causal)[0], ref, atol=1e-5, rtol=1e-4)
+
+
+def test_rope_is_a_rotation_and_relative():
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 2, 1, 16), torch.randn(1, 2, 1, 16)
+    rot = lambda x, p: apply_rope(x, *rope_tables(torch.tensor([[p]]), 16, 10000.0))
+    torch.testing.assert_close(rot(q, 37).norm(dim=-1), q.norm(dim=-1))
+    dots = [(rot(q, m) * rot(k, n)).sum(-1) for m, n in ((5, 2), (15, 12), (103, 100))]
+    torch.testing.assert_close(dots[0], dots[1], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(dots[0], dots[2], atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(dots[0], (rot(q, 5) * rot(k, 4)).sum(-1))
+
+
+def test_the_loss_ignores_every_non_answer_token(toyworld):
+    tok = ToyLLMTokenizer(toyworld / "vocab.txt")
+    ids, labels, mask, at = build_chat(tok, [("what color is the object?", "red")], 4, 40)
+    assert at == video_index(tok) and [tok.itos[i] for i in ids[:at]] == ["<s>", "[INST]", "<Video>"]
+    answer = labels[labels != -100].tolist()
+    assert answer == tok.encode(" red") + [tok.eos_id]
+    logits = torch.randn(1, 40, len(tok), requires_grad=True)
+    answer_loss(logits, labels[None]).backward()
+    touched = logits.grad.abs().sum(-1)[0] > 0                        # position j predicts token j + 1
+    assert touched.nonzero().flatten().tolist() == [j - 1 for j in (labels != -100).nonzero().flatten().tolist()]
+
+
+def test_merged_lora_equals_unmerged():
+    torch.manual_seed(0)
+    llm = add_lora(_llm(), r=4, alpha=8, dropout=0.1).eval()
+    for m in llm.modules():
+        if isinstance(m, LoRALinear):
+            torch.nn.init.normal_(m.lora_B.weight, std=0.1)          # a trained adapter is not zero
+    assert all(not p.requires_grad for n, p in llm.named_parameters() if "lora_" not in n)
+    x = torch.randn(2, 6, 128)
+    before, _ = llm(x)
+    merged = merge_lora(llm)
+    assert not any(isinstance(m, LoRALinear) for m in merged.modules())
+    torch.testing.assert_close(merged(x)[0], before, atol=1e-5, rtol=1e-4)
+
+
+def test_mistral_7b_parameter_count_on_meta():
+    with torch.device("meta"):
+        llm = LLM(LLM_PRESETS["mistral-7b"])
+    assert round(count_params(llm) / 1e9, 2) == 7.24
+    assert tuple(llm.layers[0].self_attn.k_proj.weight.shape) == (1024, 4096)       # 8 KV heads of 128
+
+
+def _stage3(vocab=40, llm_vocab=60):
+    torch.manual_seed(0)
+    return Stage3Model(vision_preset("toy"), replace(QFORMER_PRESETS["toy"], vocab_size=vocab),
+                       replace(LLM_PRESETS["toy"], vocab_size=llm_vocab))
+
+
+def test_frozen_parts_get_no_gradient_in_each_substage():
+    from train_stage3 import Stage3Config, set_trainable, substage_loss_fn
+    cfg = Stage3Config()
+    cfg.validate()
+    rt = Runtime(torch.device("cpu"), torch.float32)
+    B, Q = 3, 16
+    batch = {"video": torch.randn(B, 3, 8, 32, 32), "idx": torch.arange(B), "pos_caption": torch.arange(B),
+             "ids_caption": torch.randint(5, 40, (B, 6)), "mask_caption": torch.ones(B, 6, dtype=torch.long),
+             "qf_ids": torch.randint(5, 40, (B, 5)), "qf_mask": torch.ones(B, 5, dtype=torch.long),
+             "llm_ids": torch.randint(8, 60, (B, 30)), "llm_mask": torch.ones(B, 30, dtype=torch.long),
+             "llm_labels": torch.full((B, 30), -100)}
+    batch["llm_labels"][:, 25:] = batch["llm_ids"][:, 25:]
+    model = _stage3()
+    for sub in (1, 2, 3):
+        if sub == 3:
+            add_lora(model.llm)
+        set_trainable(model, sub)
+        model.zero_grad(set_to_none=True)
+        loss, _ = substage_loss_fn(sub, cfg, rt, video_at=3)(model, batch)
+        loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters()}
+        frozen = [n for n in grads if (n.startswith("vision_encoder.") and sub == 1)
+                  or (n.startswith("llm.") and "lora_" not in n)]
+        assert frozen and all(grads[n] is None for n in frozen), sub
+        trained = [n for n, p in model.named_parameters() if p.requires_grad]
+        assert all(n.startswith(("qformer.", "vision_proj", "text_proj", "itm_head", "temp")) for n in trained) or sub > 1
+        expect = {1: "qformer.layers.0.cross.k.weight", 2: "vision_encoder.blocks.0.attn.qkv.weight",
+                  3: "llm.layers.0.self_attn.q_proj.lora_B.weight"}[sub]
+        assert grads[expect] is not None and grads[expect].abs().sum() > 0, (sub, expect)
+
+
+def test_stage2_to_stage3_hand_off_loads_the_encoder(tmp_path):
+    from train_stage3 import load_stage2_into
+    torch.manual_seed(0)
+    vcfg2 = vision_preset("toy", num_frames=4)
+    s2 = Stage2Model(vcfg2, text_preset("toy", vocab_size=40), audio_preset("toy"), 96, 96)
+    torch.save({"stage": 2, "model": s2.state_dict(), "model_config": {"vision": asdict(vcfg2)}}, tmp_path / "s2.pt")
+    model = _stage3()
+    load_stage2_into(model, tmp_path / "s2.pt", 8, Runtime(torch.device("cpu"), torch.float32))
+    src, enc = s2.vision_encoder.state_dict(), model.vision_encoder.state_dict()
+    for k, v in enc.items():
+        if k != "pos_embed":
+            assert torch.equal(v, src[k]), k
+    t4 = src["pos_embed"][0, 1:].view(4, 16, -1)
+    assert enc["pos_embed"].shape == (1, 1 + 8 * 16, 96)
+    torch.testing.assert_close(enc["pos_embed"][0, 1:].view(8, 16, -1)[0], t4[0])    # the ends stay put
+    torch.testing.assert_close(enc["pos_embed"][0, 1:].view(8, 16, -1)[7], t4[3])
+
+
+def test_short_run_lowers_the_loss_and_chat_answers(toyworld, toy_pretrained, tmp_path):
+    from train_stage3 import main
+    m = main([f"--data={toyworld}", f"--out_dir={tmp_path}", f"--qformer_bert={toy_pretrained['bert']}",
+              f"--llm_ckpt={toy_pretrained['llm']}", "--steps=(15,15,15)", "--batch_size=8", "--log_every=1",
+              "--eval_batch=16"])
+    for sub in (1, 2, 3):
+        assert m[f"substage{sub}_loss_last"] < m[f"substage{sub}_loss_first"], (sub, m)
+    for key in ("qa_acc", "qa_chance", "caption_acc", "caption_chance", "qa_acc_color", "qa_chance_color"):
+        assert 0.0 <= m[key] <= 1.0, key
+    import chat
+    answer = chat.main([f"--ckpt={tmp_path / 'ckpt.pt'}", f"--video={toyworld / 'videos' / 'val_00000.webp'}",
+                        "--question=what color is the object?", "--max_new_tokens=4"])
+    assert isinstance(answer, str)
+    with pytest.raises(SystemExit, match="stage-2"):
+        torch.save({"stage": 2}, tmp_path / "s2.pt")
+        chat.main([f"--ckpt={tmp_path / 's2.pt'}", f"--video={toyworld / 'videos' / 'val_00000.webp'}", "--question=x"])

@@ -1,0 +1,297 @@
+"""Stage 3 of InternVideo2 (VideoChat2-style): connect the video encoder to an LLM through a Q-Former
+and train by next-token prediction on video-centric instructions (FACTS 3).
+
+Three sub-stages, run in order by default (each from the previous one's weights):
+  1  Q-Former alignment: contrastive + matching + captioning between the Q-Former's queries and the
+     caption, video encoder frozen, no LLM (BLIP-2's first stage)
+  2  vision-language connection: caption next-token prediction through the LLM, LLM frozen, video
+     encoder + Q-Former + projection trained
+  3  instruction tuning: QA and captioning conversations, LoRA on the LLM, video encoder + Q-Former
+     + projection trained
+The loss of sub-stages 2-3 is on answer tokens only; the visual embeddings are spliced in after the
+<Video> tag of the VideoChat2 instruction format, after a real BOS embedding.
+
+    python train_stage3.py --init_from=out/stage2/ckpt.pt      # toy on ToyWorld, CPU, about 4 min
+    python train_stage3.py --substage=3 --init_from=out/stage3/substage2/ckpt.pt
+    python chat.py --ckpt=out/stage3/ckpt.pt --video=data/toyworld/videos/val_00003.webp \\
+        --question="what color is the object?"
+
+Writes <out_dir>/substage<k>/{ckpt.pt,log.txt} and <out_dir>/{ckpt.pt,metrics.json} (held-out QA
+accuracy per question type and caption accuracy). The toy LLM is pre-trained on ToyWorld's text
+first (pretrain_toys.py) as a stand-in for Mistral-7B.
+"""
+import sys
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from common import (RunLog, WithLoss, build_optimizer, check, cleanup, cosine_lr, load_checkpoint, parse_config,
+                    print0, resume, run_summary, save_checkpoint, setup_runtime, training_loop, write_json)
+from data import (VideoTextDataset, WordPieceTokenizer, load_llm_tokenizer, make_toyworld, stage3_fields, train_loader,
+                  video_index)
+from losses import answer_loss, contrastive_loss, matching_loss, next_token_loss
+from model import (LLM_PRESETS, QFORMER_PRESETS, Stage3Model, add_lora, bert_key_map, interpolate_pos_embed_time,
+                   load_llm, param_table, text_preset, vision_preset, qformer_from_bert)
+from pretrain_toys import pretrain_toy_bert, pretrain_toy_llm
+
+TOYWORLD = "data/toyworld"
+
+
+@dataclass
+class Stage3Config:
+    # data
+    data: str = TOYWORLD            # folder with train.jsonl and val.jsonl (ToyWorld is generated if missing)
+    vocab: str = ""                 # BERT vocab.txt for the Q-Former's text; "" = <data>/vocab.txt
+    llm_tokenizer: str = ""         # toy:<vocab.txt> | sentencepiece:<tokenizer.model> | tiktoken:<name>; "" = toy
+    max_text_len: int = 24          # Q-Former text tokens (instruction, caption)
+    max_llm_len: int = 0            # LLM sequence length; 0 = 512 (official), toy 48
+    skip_bad_samples: bool = False  # replace unreadable samples by the next one, count and report them
+    workers: int = 0                # DataLoader worker processes
+    crop_scale: float = 0.8         # smallest random-resized-crop area
+    # model
+    preset: str = "toy"             # vision: toy | S | B | L | 1B | 6B
+    qformer: str = "toy"            # toy | base (96 queries, cross-attention every 2nd layer)
+    llm: str = "toy"                # toy | mistral-7b
+    num_frames: int = 8             # frames per clip (the official sub-stages 1-2 use 4, 3 uses 8)
+    img_size: int = 0               # 0 = the preset's
+    init_from: str = ""             # stage-2 checkpoint (video encoder, pos-embed 4 -> 8 frames) or a stage-3 one
+    qformer_bert: str = ""          # BERT state dict (HF names) for the Q-Former; toy: "" = out/text/toy_bert.pt
+    llm_ckpt: str = ""              # LLM state dict (HF names); toy: "" = out/llm/toy_llm.pt (both trained if missing)
+    qformer_text_input: bool = True # feed the instruction to the Q-Former with the queries (FACTS 3)
+    lora_r: int = 16                # LoRA rank, alpha and dropout for sub-stage 3 (FACTS 3)
+    lora_alpha: int = 32
+    lora_dropout: float = 0.1
+    # schedule (FACTS 3: lr 1e-4, 1e-4, 2e-5; wd 0.02; betas (0.9, 0.999))
+    substage: int = 0               # 1 | 2 | 3; 0 = all three in order
+    steps: tuple = (150, 150, 250)  # optimizer steps of sub-stages 1, 2, 3
+    lrs: tuple = ()                 # peak lr of each sub-stage; () = (1e-4, 1e-4, 2e-5), toy (1e-3, 1e-3, 1e-3)
+    warmup_frac: float = 0.1        # warmup steps as a fraction of each sub-stage
+    min_lr_ratio: float = 0.1       # cosine floor as a fraction of the peak (official 0.25 in sub-stage 3)
+    weight_decay: float = 0.02
+    batch_size: int = 32            # clips per process and step
+    grad_accum: int = 1             # micro-batches per step (no contrastive negatives are lost in sub-stages 2-3)
+    grad_clip: float = 1.0          # max global grad norm
+    # system
+    device: str = "auto"            # auto | cpu | cuda | cuda:N | mps
+    dtype: str = "auto"             # auto (CUDA bf16, else fp32) | float32 | bfloat16 | float16
+    compile: bool = False           # torch.compile the model
+    grad_ckpt_blocks: int = 0       # activation checkpointing for the first N vision blocks
+    seed: int = 0
+    out_dir: str = "out/stage3"     # substage<k>/ckpt.pt + log.txt, ckpt.pt, metrics.json
+    resume: bool = False            # skip finished sub-stages and continue the current one exactly
+    ckpt_every: int = 200           # steps between checkpoints (and at the end of each sub-stage)
+    stop_after: int = 0             # stop the current sub-stage after this step (0 = off)
+    log_every: int = 10             # steps between log.txt lines
+    max_nan_in_a_row: int = 5       # non-finite losses in a row that stop the run
+    eval: bool = True               # held-out QA and captioning at the end
+    eval_batch: int = 64            # clips per evaluation batch
+
+    def validate(self):
+        toy = self.llm == "toy"
+        check(self.substage in (0, 1, 2, 3), f"--substage must be 0 (all), 1, 2 or 3, got {self.substage}")
+        check(self.qformer in QFORMER_PRESETS, f"--qformer must be one of {list(QFORMER_PRESETS)}")
+        check(self.llm in LLM_PRESETS, f"--llm must be one of {list(LLM_PRESETS)}")
+        check(len(self.steps) == 3 and all(s >= 0 for s in self.steps), "--steps wants three step counts")
+        check(self.batch_size > 0 and self.grad_accum > 0, "--batch_size and --grad_accum must be positive")
+        if not self.lrs:
+            self.lrs = (1e-3, 1e-3, 1e-3) if toy else (1e-4, 1e-4, 2e-5)
+        check(len(self.lrs) == 3, "--lrs wants three learning rates")
+        if not self.max_llm_len:
+            self.max_llm_len = 48 if toy else 512
+
+
+def set_trainable(model, substage):
+    """Sub-stage 1: the Q-Former and its heads. 2: + video encoder and projection, LLM frozen.
+    3: + LoRA adapters on the frozen LLM (FACTS 3)."""
+    model.requires_grad_(False)
+    for m in (model.qformer, model.vision_proj, model.text_proj, model.itm_head):
+        m.requires_grad_(True)
+    model.temp.requires_grad_(True)
+    if substage >= 2:
+        for m in (model.vision_encoder, model.vision_layernorm, model.llm_proj):
+            m.requires_grad_(True)
+    if substage == 3:
+        for name, p in model.llm.named_parameters():
+            p.requires_grad_("lora_" in name)
+
+
+def substage_loss_fn(substage, cfg, rt, video_at):
+    """(model, batch) -> (loss, parts) for one sub-stage."""
+    def loss_fn(model, batch):
+        dev = rt.device
+        video = batch["video"].to(dev, non_blocking=True)
+        with torch.set_grad_enabled(substage >= 2 and torch.is_grad_enabled()):
+            tokens = model.video_tokens(video)                              # frozen in sub-stage 1
+        if substage == 1:                                                   # BLIP-2 style alignment
+            with torch.no_grad():
+                model.temp.clamp_(0.001, 0.5)
+            ids, mask, sid = batch["ids_caption"].to(dev), batch["mask_caption"].to(dev), batch["pos_caption"].to(dev)
+            q, _ = model.qformer(tokens, mode="query")
+            v_emb = model.vision_proj(q)                                    # (B, Q, E): one per query
+            t_emb = model.text_proj(model.qformer(None, ids, mask, mode="text")[1][:, 0])
+            vtc = contrastive_loss(F.normalize(v_emb, dim=-1), F.normalize(t_emb, dim=-1), model.temp, sid)
+            match = lambda i, m, vid: model.itm_head(model.qformer(vid, i, m, mode="joint")[0]).mean(1)
+            vtm = matching_loss(match, ids, mask, tokens, v_emb, t_emb, model.temp, sid)
+            cap = next_token_loss(model.qformer.lm_logits(model.qformer(tokens, ids, mask, mode="caption")[1]), ids, mask)
+            return vtc + vtm + cap, {"vtc": vtc, "vtm": vtm, "cap": cap}
+        instr = (batch["qf_ids"].to(dev), batch["qf_mask"].to(dev)) if cfg.qformer_text_input else (None, None)
+        visual = model.visual_embeds(tokens, *instr)
+        ids, mask = batch["llm_ids"].to(dev), batch["llm_mask"].to(dev)
+        logits, _ = model.llm(model.chat_embeds(ids, visual, video_at), mask)
+        loss = answer_loss(logits, batch["llm_labels"].to(dev))
+        return loss, {"answer": loss}
+    return loss_fn
+
+
+def load_stage2_into(model, path, num_frames, rt):
+    """The stage-2 -> stage-3 hand-off: the vision encoder, position table interpolated in time
+    (4 -> 8 frames; FACTS 3, 4.4). A stage-3 checkpoint loads everything instead."""
+    ck = load_checkpoint(path)
+    if ck.get("stage") == 3:
+        if ck.get("lora") and not any("lora_" in k for k in model.state_dict()):
+            add_lora(model.llm, **ck["lora"])
+        model.load_state_dict(ck["model"])
+        print0(f"loaded the whole stage-3 model from {path}", rt=rt)
+        return
+    prefix = "vision_encoder." if ck.get("stage") == 2 else ""
+    state = {k[len(prefix):]: v for k, v in ck["model"].items() if k.startswith(prefix)}
+    mc = ck.get("model_config", {})
+    t_old = (mc.get("vision") or mc).get("num_frames", num_frames)
+    state["pos_embed"] = interpolate_pos_embed_time(state["pos_embed"], t_old, num_frames)
+    enc = model.vision_encoder
+    skipped = sorted(k for k in state if k not in enc.state_dict())
+    missing = sorted(set(enc.state_dict()) - set(state))
+    if missing:
+        raise KeyError(f"{path} lacks vision-encoder weights {missing[:10]}")
+    enc.load_state_dict({k: v for k, v in state.items() if k in enc.state_dict()})
+    print0(f"stage-{ck.get('stage')} hand-off from {path}: loaded all {len(enc.state_dict())} vision-encoder "
+           f"tensors (pos_embed {t_old} -> {num_frames} frames); skipped {len(skipped)} keys", rt=rt)
+
+
+def main(argv=None):
+    cfg = parse_config(Stage3Config(), sys.argv[1:] if argv is None else argv, __doc__)
+    rt = setup_runtime(cfg.device, cfg.dtype, cfg.seed)
+    out_dir = Path(cfg.out_dir)
+    if cfg.data == TOYWORLD and rt.master:
+        make_toyworld(cfg.data)
+    barrier(rt)
+
+    # ---- tokenizers, model, pre-trained parts -------------------------------------------------
+    bert_tok = WordPieceTokenizer(cfg.vocab or Path(cfg.data) / "vocab.txt")
+    llm_tok = load_llm_tokenizer(cfg.llm_tokenizer or f"toy:{Path(cfg.data) / 'vocab.txt'}")
+    vcfg = vision_preset(cfg.preset, num_frames=cfg.num_frames, **({"img_size": cfg.img_size} if cfg.img_size else {}))
+    qcfg = replace(QFORMER_PRESETS[cfg.qformer], **({"vocab_size": len(bert_tok)} if cfg.qformer == "toy" else {}))
+    lcfg = replace(LLM_PRESETS[cfg.llm], **({"vocab_size": len(llm_tok)} if cfg.llm == "toy" else {}))
+    check(len(llm_tok) <= lcfg.vocab_size, f"the LLM tokenizer has {len(llm_tok)} tokens, the LLM {lcfg.vocab_size}")
+    model = Stage3Model(vcfg, qcfg, lcfg)
+    qbert, llm_ckpt = cfg.qformer_bert, cfg.llm_ckpt
+    if cfg.qformer == "toy":                                # the toy stand-ins for bert-base and Mistral-7B
+        qbert = qbert or "out/text/toy_bert.pt"
+        if rt.master and not Path(qbert).exists():
+            pretrain_toy_bert(cfg.data, bert_tok, text_preset("toy", vocab_size=len(bert_tok)), qbert,
+                              max_len=cfg.max_text_len, seed=cfg.seed)
+    if cfg.llm == "toy":
+        llm_ckpt = llm_ckpt or "out/llm/toy_llm.pt"
+        if rt.master and not Path(llm_ckpt).exists():
+            pretrain_toy_llm(cfg.data, llm_tok, lcfg, llm_ckpt, max_len=cfg.max_llm_len, seed=cfg.seed)
+    barrier(rt)
+    if qbert:
+        hf = load_checkpoint(qbert)
+        ours = {k: hf[v] for k, v in bert_key_map(text_preset("bert-base", layers=qcfg.layers, fusion_layer=qcfg.layers)).items()
+                if v in hf}
+        fresh = qformer_from_bert(model.qformer, ours)
+        print0(f"Q-Former from {qbert}: {len(fresh)} tensors left fresh (queries, cross-attention)", rt=rt)
+    if llm_ckpt:
+        load_llm(model.llm, load_checkpoint(llm_ckpt))
+        print0(f"LLM from {llm_ckpt}", rt=rt)
+    if cfg.init_from:
+        load_stage2_into(model, cfg.init_from, cfg.num_frames, rt)
+    model.to(rt.device)
+    model.vision_encoder.grad_ckpt_blocks = cfg.grad_ckpt_blocks
+    n_visual = qcfg.num_query + qcfg.extra_query
+    video_at = video_index(llm_tok)
+    lora_kw = {"r": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout}
+
+    def model_config():
+        return {"vision": asdict(vcfg), "qformer": asdict(model.qformer.cfg), "llm": asdict(lcfg),
+                "lora": lora_kw if any("lora_" in k for k in model.state_dict()) else None}
+
+    # ---- the sub-stages -----------------------------------------------------------------------
+    results = {}
+    for sub in ([cfg.substage] if cfg.substage else [1, 2, 3]):
+        sub_dir = out_dir / f"substage{sub}"
+        scfg = SimpleNamespace(**{**asdict(cfg), "max_steps": cfg.steps[sub - 1]})
+        if sub == 3 and not any("lora_" in k for k in model.state_dict()):
+            add_lora(model.llm, **lora_kw)
+            model.to(rt.device)
+        set_trainable(model, sub)
+        optimizer = build_optimizer(model, cfg.lrs[sub - 1], cfg.weight_decay, (0.9, 0.999), 1e-8,
+                                    {"temp"}, rt.device.type)
+        scaler = rt.make_scaler()
+        step, ck = resume(sub_dir, model, optimizer, scaler, rt) if cfg.resume else (0, None)
+        if step >= scfg.max_steps:
+            print0(f"sub-stage {sub} already finished ({sub_dir / 'ckpt.pt'})", rt=rt)
+            continue
+        log = RunLog(sub_dir, cfg, rt, resume=step > 0)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print0(f"stage 3, sub-stage {sub}: {trainable / 1e6:.2f}M trainable\n{param_table(model)}", rt=rt)
+        train_set = VideoTextDataset(Path(cfg.data) / "train.jsonl", cfg.num_frames, vcfg.img_size, train=True,
+                                     seed=cfg.seed + sub, skip_bad=cfg.skip_bad_samples,
+                                     crop_scale=(cfg.crop_scale, 1.0),
+                                     extra=stage3_fields(llm_tok, bert_tok, sub, n_visual, cfg.max_llm_len,
+                                                         cfg.max_text_len))
+        wrapped = WithLoss(torch.compile(model) if cfg.compile else model, substage_loss_fn(sub, cfg, rt, video_at))
+        if rt.ddp:
+            wrapped = DDP(wrapped, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None,
+                          find_unused_parameters=True)
+
+        def save(step, nan_skips, sub=sub, sub_dir=sub_dir, optimizer=optimizer, scaler=scaler):
+            save_checkpoint(sub_dir / "ckpt.pt", {
+                "stage": 3, "substage": sub, "step": step, "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None,
+                "config": asdict(cfg), "model_config": model_config(), "lora": model_config()["lora"],
+                "nan_skips": nan_skips}, rt)
+
+        global_batch = cfg.batch_size * cfg.grad_accum * rt.world
+        loader = iter(train_loader(train_set, cfg.batch_size, rt.rank, rt.world, cfg.seed + sub,
+                                   start=step * cfg.grad_accum, workers=cfg.workers))
+        model.train()
+        lr, total = cfg.lrs[sub - 1], scfg.max_steps
+        results[sub] = training_loop(
+            wrapped, optimizer, loader, rt, scfg, step=step, scaler=scaler, log=log, save=save,
+            desc=f"stage 3.{sub}", clips_per_step=global_batch, nan_skips=ck.get("nan_skips", 0) if ck else 0,
+            lr_at=lambda s: cosine_lr(s, total, int(cfg.warmup_frac * total), lr, cfg.min_lr_ratio * lr))
+        if results[sub]["step"] < total:                     # --stop_after: stop here, resume later
+            cleanup(rt)
+            return {"stage": 3, "substage": sub, "steps": results[sub]["step"], "finished": False}
+
+    # ---- final checkpoint and evaluation ------------------------------------------------------
+    save_checkpoint(out_dir / "ckpt.pt", {"stage": 3, "step": sum(cfg.steps), "model": model.state_dict(),
+                                          "config": asdict(cfg), "model_config": model_config(),
+                                          "lora": model_config()["lora"]}, rt)
+    metrics = {"stage": 3, "preset": cfg.preset}
+    for sub, res in results.items():
+        metrics.update({f"substage{sub}_{k}": v for k, v in run_summary(res, cfg.steps[sub - 1]).items()})
+    if cfg.eval:
+        from evaluate import evaluate_stage3
+        metrics.update(evaluate_stage3(model, llm_tok, bert_tok, cfg, vcfg, rt, video_at))
+    if rt.master:
+        write_json(out_dir / "metrics.json", metrics)
+        print0(f"metrics -> {out_dir / 'metrics.json'}: " + ", ".join(
+            f"{k} {v:.3f}" for k, v in metrics.items() if k.startswith(("qa_acc", "qa_chance", "caption_")) and
+            isinstance(v, float)))
+    cleanup(rt)
+    return metrics
+
+
+def barrier(rt):
+    if rt.ddp:
+        torch.distributed.barrier()
+
+
+if __name__ == "__main__":
+    main()
