@@ -807,27 +807,32 @@ def build_chat(tok, turns, n_visual, max_len):
     return t(ids, tok.pad_id), t(labels, -100), t([1] * len(ids), 0), len(head)
 
 
-def stage3_tasks(rec, substage, rng):
-    """The conversation a sample gives each sub-stage: the caption for alignment and for the
-    vision-language connection (with a captioning instruction), a random QA pair or the caption
-    for instruction tuning."""
+def stage3_turns(rec, substage, rng):
+    """The conversation a sample gives each sub-stage, as [(question, answer)]: the caption with a
+    captioning instruction for alignment and the vision-language connection; for instruction tuning
+    the sample's `conversations` (all turns) when it has them, else one random QA pair or the caption."""
     caption = rec.get("caption", "")
     if not caption.strip():
         raise DataError("empty or missing 'caption'")
     describe = CAPTION_PROMPTS[int(rng.integers(len(CAPTION_PROMPTS)))]
-    if substage in (1, 2) or not rec.get("qa"):
-        return describe, caption
-    options = [(describe, caption)] + [(qa["q"], qa["a"]) for qa in rec["qa"]]
-    return options[int(rng.integers(len(options)))]
+    if substage in (1, 2):
+        return [(describe, caption)]
+    if rec.get("conversations"):
+        try:
+            return [(t["q"], t["a"]) for t in rec["conversations"]]
+        except (KeyError, TypeError):
+            raise DataError("'conversations' must be a list of {\"q\": ..., \"a\": ...}") from None
+    options = [(describe, caption)] + [(qa["q"], qa["a"]) for qa in rec.get("qa", [])]
+    return [options[int(rng.integers(len(options)))]]
 
 
 def stage3_fields(llm_tok, bert_tok, substage, n_visual, max_llm_len, max_text_len):
-    """The dataset's `extra` for stage 3: the instruction (BERT-tokenised, for the Q-Former) and the
+    """The dataset's `extra` for stage 3: the first instruction (BERT-tokenised, for the Q-Former), the
     whole conversation (LLM-tokenised) of this sample's task, and the caption for sub-stage 1."""
     def extra(rec, rng):
-        q, a = stage3_tasks(rec, substage, rng)
-        ids, labels, mask, _ = build_chat(llm_tok, [(q, a)], n_visual, max_llm_len)
-        qf_ids, qf_mask = bert_tok.encode([q], max_text_len)
+        turns = stage3_turns(rec, substage, rng)
+        ids, labels, mask, _ = build_chat(llm_tok, turns, n_visual, max_llm_len)
+        qf_ids, qf_mask = bert_tok.encode([turns[0][0]], max_text_len)       # the Q-Former reads the first question
         cap_ids, cap_mask = bert_tok.encode([rec["caption"]], max_text_len)
         return {"llm_ids": ids, "llm_labels": labels, "llm_mask": mask, "qf_ids": qf_ids[0], "qf_mask": qf_mask[0],
                 "ids_caption": cap_ids[0], "mask_caption": cap_mask[0], "pos_caption": positive_id(rec, "caption")}

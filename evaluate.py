@@ -241,7 +241,7 @@ def evaluate_stage3(model, llm_tok, bert_tok, cfg, vcfg, rt, video_at):
     value of that attribute (caption_acc). Chance: 1 / classes for each."""
     from data import ATTRIBUTES, CAPTION_PROMPTS, VideoTextDataset
     model.eval()
-    ds = VideoTextDataset(Path(cfg.data) / "val.jsonl", cfg.num_frames, vcfg.img_size, train=False, seed=cfg.seed)
+    ds = VideoTextDataset(Path(cfg.data) / "val.jsonl", vcfg.num_frames, vcfg.img_size, train=False, seed=cfg.seed)
     kw = dict(llm_tok=llm_tok, bert_tok=bert_tok, max_llm_len=cfg.max_llm_len, max_text_len=cfg.max_text_len,
               video_at=video_at, qformer_text_input=cfg.qformer_text_input)
     local = []

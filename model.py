@@ -450,6 +450,17 @@ class InternVideo2(nn.Module):
             blk.attn.proj.weight.div_(math.sqrt(2.0 * layer_id))
             blk.mlp.fc2.weight.div_(math.sqrt(2.0 * layer_id))
 
+    def set_num_frames(self, t):
+        """Resize the position table in time for clips of t frames (linear interpolation, as the
+        official hand-offs between stages do; FACTS 4.4). A new Parameter: rebuild the optimizer."""
+        if t == self.cfg.num_frames:
+            return
+        if self.with_heads:
+            raise RuntimeError("set_num_frames is for the encoder without its stage-1 heads")
+        tub = self.cfg.tubelet_size
+        self.pos_embed = nn.Parameter(interpolate_pos_embed_time(self.pos_embed.data, self.cfg.grid[0], t // tub))
+        self.cfg = replace(self.cfg, num_frames=t).validate()
+
     def no_weight_decay(self):
         """Parameter names excluded from weight decay besides 1-D tensors and biases (FACTS 1.8)."""
         return {"pos_embed", "cls_token", "clip_pos_embed", "mae_pos_embed"}
@@ -524,11 +535,12 @@ class TextConfig:
     cross_width: int = 1408        # K/V input width of cross-attention = the memory's width
     dropout: float = 0.1           # hidden and attention dropout
     eps: float = 1e-12             # LayerNorm eps (post-LN everywhere)
+    init_std: float = 0.02         # BERT's init; the toy's width gets the same relative scale (0.02 ~ 0.6/sqrt(1024))
 
 
 TEXT_PRESETS = {
     "toy": TextConfig(vocab_size=0, hidden=96, layers=4, heads=4, intermediate=384, max_len=64, fusion_layer=3,
-                      cross_width=96, dropout=0.0),        # vocab_size comes from the ToyWorld vocabulary
+                      cross_width=96, dropout=0.0, init_std=0.06),   # vocab_size comes from the ToyWorld vocabulary
     "bert-base": TextConfig(hidden=768, layers=12, heads=12, intermediate=3072, fusion_layer=9),
     "bert-large": TextConfig(),
 }
@@ -602,7 +614,7 @@ class TextEncoder(nn.Module):
         self.mlm_bias = nn.Parameter(torch.zeros(cfg.vocab_size))
         for m in self.modules():                           # BERT init: N(0, 0.02), biases 0, LN (1, 0)
             if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(m.weight, std=0.02)
+                nn.init.normal_(m.weight, std=cfg.init_std)
             if isinstance(m, nn.Linear) and m.bias is not None:
                 nn.init.zeros_(m.bias)
 
@@ -957,11 +969,12 @@ class QFormerConfig:
     dropout: float = 0.1           # hidden and attention dropout
     drop_path: float = 0.2
     eps: float = 1e-12
+    init_std: float = 0.02         # as TextConfig.init_std
 
 
 QFORMER_PRESETS = {
     "toy": QFormerConfig(hidden=96, layers=4, heads=4, intermediate=384, num_query=8, extra_query=8, vision_width=96,
-                         vocab_size=0, max_len=64, dropout=0.0, drop_path=0.0),
+                         vocab_size=0, max_len=64, dropout=0.0, drop_path=0.0, init_std=0.06),
     "base": QFormerConfig(),
 }
 
@@ -1019,11 +1032,11 @@ class QFormer(nn.Module):
         self.lm_bias = nn.Parameter(torch.zeros(cfg.vocab_size))
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(m.weight, std=0.02)
+                nn.init.normal_(m.weight, std=cfg.init_std)
             if isinstance(m, nn.Linear) and m.bias is not None:
                 nn.init.zeros_(m.bias)
-        nn.init.normal_(self.query_tokens, std=0.02)
-        nn.init.normal_(self.extra_query_tokens, std=0.02)
+        nn.init.normal_(self.query_tokens, std=cfg.init_std)
+        nn.init.normal_(self.extra_query_tokens, std=cfg.init_std)
 
     def forward(self, video=None, ids=None, pad_mask=None, mode="query"):
         """video: (B, N, vision_width); ids, pad_mask: (B, L). -> (query states (B, Q, H), text states (B, L, H))."""

@@ -61,7 +61,7 @@ def pretrain_toy_bert(data_root, tok, tcfg, path, steps=150, batch=64, lr=1e-3, 
     return path
 
 
-def pretrain_toy_llm(data_root, tok, lcfg, path, steps=300, batch=64, lr=2e-3, max_len=48, seed=0):
+def pretrain_toy_llm(data_root, tok, lcfg, path, steps=250, batch=64, lr=2e-3, max_len=48, seed=0):
     """The stand-in for Mistral-7B: next-token training on ToyWorld's texts in the chat format, with no
     video (the visual slots left empty): it learns the language and the format, and can only guess
     answers from the question alone. About 30 s on 2 CPU cores."""
@@ -75,6 +75,8 @@ def pretrain_toy_llm(data_root, tok, lcfg, path, steps=300, batch=64, lr=2e-3, m
     def loss_at(step):
         rows = [build_chat(tok, [convs[i]], 0, max_len) for i in torch.randint(len(convs), (batch,), generator=g)]
         ids, labels, mask = (torch.stack([r[k] for r in rows]) for k in range(3))
+        L = int(mask.sum(1).max())                          # no visual slots here: drop the common padding
+        ids, labels, mask = ids[:, :L], labels[:, :L], mask[:, :L]
         logits, _ = llm(llm.embed_tokens(ids), mask)
         return answer_loss(logits, labels)
     loss = _fit("toy LLM (next token on ToyWorld text)", llm.parameters(), loss_at, steps, lr)

@@ -56,7 +56,7 @@ class Stage3Config:
     preset: str = "toy"             # vision: toy | S | B | L | 1B | 6B
     qformer: str = "toy"            # toy | base (96 queries, cross-attention every 2nd layer)
     llm: str = "toy"                # toy | mistral-7b
-    num_frames: int = 8             # frames per clip (the official sub-stages 1-2 use 4, 3 uses 8)
+    frames: tuple = ()              # frames per clip in sub-stages 1-3; () = (4, 4, 8) official (FACTS 3), toy (4, 4, 4)
     img_size: int = 0               # 0 = the preset's
     init_from: str = ""             # stage-2 checkpoint (video encoder, pos-embed 4 -> 8 frames) or a stage-3 one
     qformer_bert: str = ""          # BERT state dict (HF names) for the Q-Former; toy: "" = out/text/toy_bert.pt
@@ -67,7 +67,7 @@ class Stage3Config:
     lora_dropout: float = 0.1
     # schedule (FACTS 3: lr 1e-4, 1e-4, 2e-5; wd 0.02; betas (0.9, 0.999))
     substage: int = 0               # 1 | 2 | 3; 0 = all three in order
-    steps: tuple = (150, 150, 250)  # optimizer steps of sub-stages 1, 2, 3
+    steps: tuple = (80, 120, 220)   # optimizer steps of sub-stages 1, 2, 3 (set them for your data)
     lrs: tuple = ()                 # peak lr of each sub-stage; () = (1e-4, 1e-4, 2e-5), toy (1e-3, 1e-3, 1e-3)
     warmup_frac: float = 0.1        # warmup steps as a fraction of each sub-stage
     min_lr_ratio: float = 0.1       # cosine floor as a fraction of the peak (official 0.25 in sub-stage 3)
@@ -99,7 +99,10 @@ class Stage3Config:
         check(self.batch_size > 0 and self.grad_accum > 0, "--batch_size and --grad_accum must be positive")
         if not self.lrs:
             self.lrs = (1e-3, 1e-3, 1e-3) if toy else (1e-4, 1e-4, 2e-5)
+        if not self.frames:         # the toy's position table is too coarse to survive 4 -> 8 frames before 3
+            self.frames = (4, 4, 4) if self.preset == "toy" else (4, 4, 8)
         check(len(self.lrs) == 3, "--lrs wants three learning rates")
+        check(len(self.frames) == 3 and all(f > 0 for f in self.frames), "--frames wants three frame counts")
         if not self.max_llm_len:
             self.max_llm_len = 48 if toy else 512
 
@@ -183,7 +186,9 @@ def main(argv=None):
     # ---- tokenizers, model, pre-trained parts -------------------------------------------------
     bert_tok = WordPieceTokenizer(cfg.vocab or Path(cfg.data) / "vocab.txt")
     llm_tok = load_llm_tokenizer(cfg.llm_tokenizer or f"toy:{Path(cfg.data) / 'vocab.txt'}")
-    vcfg = vision_preset(cfg.preset, num_frames=cfg.num_frames, **({"img_size": cfg.img_size} if cfg.img_size else {}))
+    subs = [cfg.substage] if cfg.substage else [1, 2, 3]
+    vcfg = vision_preset(cfg.preset, num_frames=cfg.frames[subs[0] - 1],
+                         **({"img_size": cfg.img_size} if cfg.img_size else {}))
     qcfg = replace(QFORMER_PRESETS[cfg.qformer], **({"vocab_size": len(bert_tok)} if cfg.qformer == "toy" else {}))
     lcfg = replace(LLM_PRESETS[cfg.llm], **({"vocab_size": len(llm_tok)} if cfg.llm == "toy" else {}))
     check(len(llm_tok) <= lcfg.vocab_size, f"the LLM tokenizer has {len(llm_tok)} tokens, the LLM {lcfg.vocab_size}")
@@ -209,7 +214,7 @@ def main(argv=None):
         load_llm(model.llm, load_checkpoint(llm_ckpt))
         print0(f"LLM from {llm_ckpt}", rt=rt)
     if cfg.init_from:
-        load_stage2_into(model, cfg.init_from, cfg.num_frames, rt)
+        load_stage2_into(model, cfg.init_from, vcfg.num_frames, rt)
     model.to(rt.device)
     model.vision_encoder.grad_ckpt_blocks = cfg.grad_ckpt_blocks
     n_visual = qcfg.num_query + qcfg.extra_query
@@ -217,13 +222,15 @@ def main(argv=None):
     lora_kw = {"r": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout}
 
     def model_config():
-        return {"vision": asdict(vcfg), "qformer": asdict(model.qformer.cfg), "llm": asdict(lcfg),
+        return {"vision": asdict(model.vision_encoder.cfg), "qformer": asdict(model.qformer.cfg), "llm": asdict(lcfg),
                 "lora": lora_kw if any("lora_" in k for k in model.state_dict()) else None}
 
     # ---- the sub-stages -----------------------------------------------------------------------
     results = {}
-    for sub in ([cfg.substage] if cfg.substage else [1, 2, 3]):
+    for sub in subs:
         sub_dir = out_dir / f"substage{sub}"
+        model.vision_encoder.set_num_frames(cfg.frames[sub - 1])        # 4 -> 8 frames before sub-stage 3
+        model.to(rt.device)
         scfg = SimpleNamespace(**{**asdict(cfg), "max_steps": cfg.steps[sub - 1]})
         if sub == 3 and not any("lora_" in k for k in model.state_dict()):
             add_lora(model.llm, **lora_kw)
@@ -239,7 +246,7 @@ def main(argv=None):
         log = RunLog(sub_dir, cfg, rt, resume=step > 0)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print0(f"stage 3, sub-stage {sub}: {trainable / 1e6:.2f}M trainable\n{param_table(model)}", rt=rt)
-        train_set = VideoTextDataset(Path(cfg.data) / "train.jsonl", cfg.num_frames, vcfg.img_size, train=True,
+        train_set = VideoTextDataset(Path(cfg.data) / "train.jsonl", cfg.frames[sub - 1], vcfg.img_size, train=True,
                                      seed=cfg.seed + sub, skip_bad=cfg.skip_bad_samples,
                                      crop_scale=(cfg.crop_scale, 1.0),
                                      extra=stage3_fields(llm_tok, bert_tok, sub, n_visual, cfg.max_llm_len,
@@ -278,7 +285,7 @@ def main(argv=None):
         metrics.update({f"substage{sub}_{k}": v for k, v in run_summary(res, cfg.steps[sub - 1]).items()})
     if cfg.eval:
         from evaluate import evaluate_stage3
-        metrics.update(evaluate_stage3(model, llm_tok, bert_tok, cfg, vcfg, rt, video_at))
+        metrics.update(evaluate_stage3(model, llm_tok, bert_tok, cfg, model.vision_encoder.cfg, rt, video_at))
     if rt.master:
         write_json(out_dir / "metrics.json", metrics)
         print0(f"metrics -> {out_dir / 'metrics.json'}: " + ", ".join(

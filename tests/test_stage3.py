@@ -162,7 +162,7 @@ def test_stage2_to_stage3_hand_off_loads_the_encoder(tmp_path):
 def test_short_run_lowers_the_loss_and_chat_answers(toyworld, toy_pretrained, tmp_path):
     from train_stage3 import main
     m = main([f"--data={toyworld}", f"--out_dir={tmp_path}", f"--qformer_bert={toy_pretrained['bert']}",
-              f"--llm_ckpt={toy_pretrained['llm']}", "--steps=(15,15,15)", "--batch_size=8", "--log_every=1",
+              f"--llm_ckpt={toy_pretrained['llm']}", "--steps=(15,15,15)", "--frames=(2,2,4)", "--max_llm_len=64", "--batch_size=8", "--log_every=1",
               "--eval_batch=16"])
     for sub in (1, 2, 3):
         assert m[f"substage{sub}_loss_last"] < m[f"substage{sub}_loss_first"], (sub, m)
@@ -175,3 +175,19 @@ def test_short_run_lowers_the_loss_and_chat_answers(toyworld, toy_pretrained, tm
     with pytest.raises(SystemExit, match="stage-2"):
         torch.save({"stage": 2}, tmp_path / "s2.pt")
         chat.main([f"--ckpt={tmp_path / 's2.pt'}", f"--video={toyworld / 'videos' / 'val_00000.webp'}", "--question=x"])
+
+
+def test_multi_turn_instruction_data(toyworld):
+    import numpy as np
+    from data import DataError, stage3_turns
+    tok = ToyLLMTokenizer(toyworld / "vocab.txt")
+    rec = {"caption": "a red circle", "conversations": [{"q": "what color is the object?", "a": "red"},
+                                                        {"q": "what shape is the object?", "a": "circle"}]}
+    turns = stage3_turns(rec, 3, np.random.default_rng(0))
+    assert turns == [("what color is the object?", "red"), ("what shape is the object?", "circle")]
+    assert stage3_turns(rec, 2, np.random.default_rng(0))[0][1] == "a red circle"      # sub-stage 2: captions
+    ids, labels, mask, _ = build_chat(tok, turns, 4, 64)
+    answers = [tok.itos[i] for i in labels[labels != -100].tolist()]
+    assert answers == ["red", "</s>", "circle", "</s>"]
+    with pytest.raises(DataError, match="conversations"):
+        stage3_turns({"caption": "x", "conversations": [{"question": "?"}]}, 3, np.random.default_rng(0))
