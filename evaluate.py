@@ -183,7 +183,19 @@ def evaluate_stage2(model, tok, cfg, vcfg, acfg, rt):
 
     if acfg:                                                                    # text <-> audio, audio+video
         out.update(retrieval("t2a", norm(f["emb_audio_caption"]) @ norm(f["a_emb"]).t(), _gt(recs, "audio_caption")))
-        out.update(retrieval("t2av", norm(f["emb_avs_caption"]) @ norm(f["av_emb"]).t(), _gt(recs, "avs_caption")))
+        sim_av, gt_av = norm(f["emb_avs_caption"]) @ norm(f["av_emb"]).t(), _gt(recs, "avs_caption")
+        out.update(retrieval("t2av", sim_av, gt_av))
+
+        def score_av(ti, vi):                 # AVTM on the audio + projected-vision memory (FACTS 5.1)
+            with rt.autocast():
+                memory = torch.cat([f["a_mem"][vi], f["v_mem"][vi]], dim=1).to(dev)
+                logits = model.match_logits(f["states_avs_caption"][ti].to(dev), f["mask_avs_caption"][ti].to(dev),
+                                            memory, head="avtm")
+            return logits[:, 1]
+        t2av = rerank(sim_av, cfg.rerank_k, lambda i, top: score_av(torch.full_like(top, i), top), rt)
+        av2t = rerank(sim_av.t(), cfg.rerank_k, lambda j, top: score_av(top, torch.full_like(top, j)), rt)
+        for name, s, g in (("t2av", t2av, gt_av), ("av2t", av2t, gt_av.t())):
+            out.update({f"{name}_r{k}_rerank": v for k, v in recall_at_k(s, g).items()})
 
     if all("attrs" in r for r in recs):                                         # zero-shot motion classes
         classes = [f"{d} {s}" for d in DIRECTIONS for s in SPEEDS]

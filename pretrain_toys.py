@@ -61,21 +61,29 @@ def pretrain_toy_bert(data_root, tok, tcfg, path, steps=150, batch=64, lr=1e-3, 
     return path
 
 
-def pretrain_toy_llm(data_root, tok, lcfg, path, steps=250, batch=64, lr=2e-3, max_len=48, seed=0):
-    """The stand-in for Mistral-7B: next-token training on ToyWorld's texts in the chat format, with no
-    video (the visual slots left empty): it learns the language and the format, and can only guess
-    answers from the question alone. About 30 s on 2 CPU cores."""
+def pretrain_toy_llm(data_root, tok, lcfg, path, n_visual=16, steps=250, batch=64, lr=2e-3, max_len=48, seed=0):
+    """The stand-in for Mistral-7B: next-token training on ToyWorld's texts in the chat format, where
+    the n_visual video slots hold the clip's caption as words. A real LLM reads whatever its context
+    says; this teaches the toy one to read its video slots, so that stage 3's bridge has something to
+    write to (sub-stage 2 keeps the LLM frozen). Answers come from the slots, never from the video.
+    About 40 s on 2 CPU cores."""
     recs, _ = _texts(data_root)
-    convs = [(qa["q"], qa["a"]) for r in recs for qa in r.get("qa", [])]
-    convs += [("describe the video.", r["caption"]) for r in recs if r.get("caption")]
+    convs = [(r["caption"], qa["q"], qa["a"]) for r in recs for qa in r.get("qa", []) if r.get("caption")]
+    convs += [(r["caption"], "describe the video.", r["caption"]) for r in recs if r.get("caption")]
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     llm = LLM(lcfg)
 
     def loss_at(step):
-        rows = [build_chat(tok, [convs[i]], 0, max_len) for i in torch.randint(len(convs), (batch,), generator=g)]
+        rows = []
+        for i in torch.randint(len(convs), (batch,), generator=g).tolist():
+            description, q, a = convs[i]
+            ids, labels, mask, at = build_chat(tok, [(q, a)], n_visual, max_len)
+            words = tok.encode(description)[:n_visual]
+            ids[at:at + len(words)] = torch.tensor(words)      # the description sits where the video goes
+            rows.append((ids, labels, mask))
         ids, labels, mask = (torch.stack([r[k] for r in rows]) for k in range(3))
-        L = int(mask.sum(1).max())                          # no visual slots here: drop the common padding
+        L = int(mask.sum(1).max())                             # drop the padding common to the batch
         ids, labels, mask = ids[:, :L], labels[:, :L], mask[:, :L]
         logits, _ = llm(llm.embed_tokens(ids), mask)
         return answer_loss(logits, labels)
@@ -90,7 +98,7 @@ def pretrain_toy_llm(data_root, tok, lcfg, path, steps=250, batch=64, lr=2e-3, m
 
 if __name__ == "__main__":
     from data import ToyLLMTokenizer, WordPieceTokenizer, make_toyworld
-    from model import LLM_PRESETS, text_preset
+    from model import LLM_PRESETS, QFORMER_PRESETS, text_preset
     from dataclasses import replace
     args = dict(a[2:].split("=", 1) for a in sys.argv[1:] if a.startswith("--") and "=" in a)
     data = args.get("data", "data/toyworld")
@@ -98,4 +106,5 @@ if __name__ == "__main__":
     bert_tok = WordPieceTokenizer(Path(data) / "vocab.txt")
     pretrain_toy_bert(data, bert_tok, text_preset("toy", vocab_size=len(bert_tok)), "out/text/toy_bert.pt")
     llm_tok = ToyLLMTokenizer(Path(data) / "vocab.txt")
-    pretrain_toy_llm(data, llm_tok, replace(LLM_PRESETS["toy"], vocab_size=len(llm_tok)), "out/llm/toy_llm.pt")
+    pretrain_toy_llm(data, llm_tok, replace(LLM_PRESETS["toy"], vocab_size=len(llm_tok)), "out/llm/toy_llm.pt",
+                     n_visual=QFORMER_PRESETS["toy"].num_query + QFORMER_PRESETS["toy"].extra_query)

@@ -202,7 +202,8 @@ def main(argv=None):
     if cfg.llm == "toy":
         llm_ckpt = llm_ckpt or "out/llm/toy_llm.pt"
         if rt.master and not Path(llm_ckpt).exists():
-            pretrain_toy_llm(cfg.data, llm_tok, lcfg, llm_ckpt, max_len=cfg.max_llm_len, seed=cfg.seed)
+            pretrain_toy_llm(cfg.data, llm_tok, lcfg, llm_ckpt, n_visual=qcfg.num_query + qcfg.extra_query,
+                             max_len=cfg.max_llm_len, seed=cfg.seed)
     barrier(rt)
     if qbert:
         hf = load_checkpoint(qbert)

@@ -28,7 +28,7 @@ def toy_pretrained(toyworld, tmp_path_factory):
     bert_tok, llm_tok = WordPieceTokenizer(toyworld / "vocab.txt"), ToyLLMTokenizer(toyworld / "vocab.txt")
     bert = pretrain_toy_bert(toyworld, bert_tok, text_preset("toy", vocab_size=len(bert_tok)), out / "bert.pt", steps=30)
     llm = pretrain_toy_llm(toyworld, llm_tok, replace(LLM_PRESETS["toy"], vocab_size=len(llm_tok)), out / "llm.pt",
-                           steps=30)
+                           n_visual=16, steps=30)
     return {"bert": bert, "llm": llm}
 
 
