@@ -5,7 +5,7 @@
   optimizer   AdamW with the official no-weight-decay rule, warmup + cosine schedule
   step        one optimizer step over micro-batches: no_sync accumulation, AMP, NaN/inf guard, clip
   state       atomic checkpoints, full resume state (model, optimizer, scaler, step, RNG per rank)
-  logging     print0, log.txt (config, git commit, torch, device), metrics.json, peak FLOPS for MFU
+  logging     print0, log.txt (config, git commit, torch, device), metrics.json
 
 Every stage script reads: cfg = parse_config(Cfg(), argv) -> rt = setup_runtime(...) -> ... -> loop
 with train_step(DDP(WithLoss(model, loss_fn)), ...) -> save_checkpoint(...). Nothing here imports a
@@ -353,14 +353,6 @@ def restore_rng(ckpt, rt):
         print0(f"resume: world size changed ({ckpt.get('world')} -> {rt.world}); RNG re-seeded", rt=rt)
 
 
-def unwrap(model):
-    """The raw network under DDP, WithLoss and torch.compile: its state_dict has no `module.`,
-    `model.` or `_orig_mod.` prefixes."""
-    model = getattr(model, "module", model)
-    model = model.model if isinstance(model, WithLoss) else model
-    return getattr(model, "_orig_mod", model)
-
-
 def resume(out_dir, model, optimizer, scaler, rt):
     """Restore <out_dir>/ckpt.pt exactly (weights, optimizer, scaler, RNG of every rank).
     Returns (step, checkpoint) or (0, None) when there is nothing to resume."""
@@ -471,21 +463,6 @@ def write_json(path, obj):
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(obj, indent=1, default=float))
     os.replace(tmp, path)
-
-
-# Dense bf16 peak FLOP/s of known GPUs, for MFU; unknown devices report MFU as None.
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
-                   "A10G": 125e12, "A10": 125e12, "RTX 4090": 165e12, "RTX 3090": 71e12}
-
-
-def peak_flops(device):
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, val in PEAK_BF16_FLOPS.items():
-        if key in name:
-            return val
-    return None
 
 
 class Timer:

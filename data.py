@@ -882,12 +882,6 @@ def random_mask(noise, ratio=0.8):
     return _visible_from_keys(noise.flatten(1)[:, None], ratio)
 
 
-def visible_to_mask(visible, n_tokens):
-    """(B, Nv) visible indices -> (B, n_tokens) bool, True = masked (the official convention)."""
-    mask = torch.ones(visible.shape[0], n_tokens, dtype=torch.bool, device=visible.device)
-    return mask.scatter(1, visible, False)
-
-
 if __name__ == "__main__":
     import argparse
     p = argparse.ArgumentParser(description="Write ToyWorld in the real JSONL format.")
