@@ -162,7 +162,7 @@ def setup_runtime(device="auto", dtype="auto", seed=0, timeout_s=1800):
     """Single process, or DDP when launched by torchrun (RANK in the environment)."""
     rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in
                                (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
-    ddp = "RANK" in os.environ and world > 1
+    ddp = "RANK" in os.environ                  # under torchrun, DDP even on one process
     dev = pick_device(device)
     if ddp:
         if dev.type == "cuda":
@@ -184,6 +184,45 @@ def cleanup(rt):
     if rt.ddp and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def repeated_blocks(model):
+    """The elements of every outermost nn.ModuleList: the transformer blocks (and the decoders).
+    The unit of regional compilation and of FSDP sharding."""
+    lists = [name for name, m in model.named_modules() if isinstance(m, torch.nn.ModuleList)]
+    outer = [n for n in lists if not any(n.startswith(o + ".") for o in lists if o != n and o)]
+    return [blk for name in outer for blk in model.get_submodule(name)]
+
+
+def shard(model, rt):
+    """FSDP2 (`--fsdp`, under torchrun): fully_shard every block, then the root. Parameters,
+    gradients and AdamW state are split over the ranks (a 6B student's 97 GB of fp32 weights +
+    AdamW become 97/N GB per GPU); each block's weights are all-gathered just before it runs and
+    freed after. Pass the WithLoss wrapper: its forward is the whole step, so the root's own
+    parameters (embeddings, heads) are gathered for all of it, whichever methods the loss calls.
+    Call before building the optimizer (parameters become DTensor shards). No-op without torchrun."""
+    if not rt.ddp:
+        return model
+    from torch.distributed.fsdp import fully_shard
+    for blk in repeated_blocks(model):
+        fully_shard(blk)
+    fully_shard(model)
+    return model
+
+
+def distribute(model, rt, find_unused=False):
+    """DDP under torchrun (every rank holds the whole model; gradients all-reduced in buckets
+    during backward), unchanged otherwise or when the model is already FSDP-sharded."""
+    if not rt.ddp or is_sharded(model):
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    return DDP(model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None,
+               find_unused_parameters=find_unused)
+
+
+def is_sharded(model):
+    from torch.distributed.fsdp import FSDPModule
+    return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
 def print0(*args, rt=None, **kw):
@@ -224,6 +263,33 @@ def set_lr(optimizer, lr):
 
 
 # ------------------------------------------------------------------------------------------------
+# speed: regional compilation, half-precision storage of frozen weights
+
+def compile_blocks(model):
+    """Regional compilation (`--compile`): torch.compile each repeated block (common.repeated_blocks:
+    the transformer blocks, the decoders) in place, not the whole model. Identical blocks share one
+    compiled graph, so InternViT-6B's 48 blocks compile about as fast as one; the glue around them
+    (masking, gathers, losses, DDP hooks) stays eager, and the step has no graph breaks to reason
+    about. Returns the number of modules compiled."""
+    blocks = repeated_blocks(model)
+    for blk in blocks:
+        blk.compile()
+    return len(blocks)
+
+
+def store_frozen(module, dtype):
+    """Keep a frozen network's weights in `dtype` (bf16 under bf16 autocast): half the memory, and
+    no per-step fp32 -> bf16 weight casts (7 GB of them for InternViT-6B). Trainable parameters
+    (LoRA adapters) keep fp32. A no-op for fp32."""
+    if dtype == torch.float32:
+        return module
+    for p in module.parameters():
+        if not p.requires_grad:
+            p.data = p.data.to(dtype)
+    return module
+
+
+# ------------------------------------------------------------------------------------------------
 # one optimizer step
 
 class WithLoss(torch.nn.Module):
@@ -249,8 +315,7 @@ def train_step(model, micro_batches, optimizer, rt, scaler=None, grad_clip=0.0):
     total = torch.zeros((), device=rt.device)
     parts = {}
     for i, batch in enumerate(micro_batches):
-        sync = model.no_sync() if rt.ddp and i < n - 1 else nullcontext()
-        with sync:
+        with grad_sync(model, rt, i == n - 1):
             with rt.autocast():
                 loss, p = model(batch)
             (scaler.scale(loss / n) if scaler else loss / n).backward()
@@ -269,7 +334,8 @@ def train_step(model, micro_batches, optimizer, rt, scaler=None, grad_clip=0.0):
             scaler.unscale_(optimizer)
         params = [p for g in optimizer.param_groups for p in g["params"]]
         if grad_clip > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip))
+            norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+            grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)   # FSDP: a DTensor
         if scaler:
             scaler.step(optimizer)
             scaler.update()
@@ -277,6 +343,18 @@ def train_step(model, micro_batches, optimizer, rt, scaler=None, grad_clip=0.0):
             optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return float(total), {k: float(v) for k, v in parts.items()}, grad_norm, ok
+
+
+def grad_sync(model, rt, sync):
+    """Gradient synchronisation only on the last micro-batch: DDP's no_sync() (which must cover the
+    forward too), FSDP2's set_requires_gradient_sync (gradients stay unsharded until the last)."""
+    if not rt.ddp or sync and not is_sharded(model):
+        return nullcontext()
+    if hasattr(model, "no_sync"):
+        return model.no_sync()
+    root = next(m for m in model.modules() if hasattr(m, "set_requires_gradient_sync"))
+    root.set_requires_gradient_sync(sync)
+    return nullcontext()
 
 
 class NanGuard:
@@ -320,6 +398,38 @@ def gather_objects(obj, rt):
     return out
 
 
+def model_state(model):
+    """The whole, unsharded state dict: model.state_dict(), or under FSDP the shards gathered to full
+    tensors on the CPU (a collective: every rank calls it; rank 0 gets the tensors)."""
+    if not is_sharded(model):
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def optimizer_state(model, optimizer):
+    if not is_sharded(model):
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_state(model, optimizer, ck):
+    """Inverse of model_state/optimizer_state (optimizer None = weights only): under FSDP rank 0's
+    full tensors are broadcast and re-sharded."""
+    if not is_sharded(model):
+        model.load_state_dict(ck["model"])
+        if optimizer is not None:
+            optimizer.load_state_dict(ck["optimizer"])
+        return
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+    opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, ck["model"], options=opts)
+    if optimizer is not None:
+        set_optimizer_state_dict(model, optimizer, ck["optimizer"], options=opts)
+
+
 def save_checkpoint(path, state, rt):
     """Atomic write on the master: a killed run leaves the previous checkpoint intact.
     Call on every rank (RNG states are gathered from all ranks into state['rng'])."""
@@ -361,8 +471,7 @@ def resume(out_dir, model, optimizer, scaler, rt):
         print0(f"--resume: no {path} yet, starting from scratch", rt=rt)
         return 0, None
     ck = load_checkpoint(path)
-    model.load_state_dict(ck["model"])
-    optimizer.load_state_dict(ck["optimizer"])
+    load_state(model, optimizer, ck)
     if scaler is not None and ck.get("scaler"):
         scaler.load_state_dict(ck["scaler"])
     restore_rng(ck, rt)
@@ -448,7 +557,7 @@ class RunLog:
         with open(self.path, "a" if resume else "w") as f:
             f.write(f"# {datetime.datetime.now().isoformat(timespec='seconds')} {' '.join(sys.argv)}\n")
             f.write(f"# git {git_commit()} | torch {torch.__version__} | device {device_name(rt.device)} "
-                    f"| dtype {rt.dtype} | world {rt.world}\n")
+                    f"| dtype {rt.dtype} | world {rt.world}{' (DDP)' if rt.ddp else ''}\n")
             f.write(f"# config {json.dumps(asdict(cfg))}\n")
 
     def __call__(self, msg):

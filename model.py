@@ -225,14 +225,17 @@ class LayerScale(nn.Module):
 
 
 class DropPath(nn.Module):
-    """Stochastic depth: drop the whole residual branch per sample while training."""
+    """Stochastic depth: drop the whole residual branch per sample while training. The rate is a
+    buffer, not a Python float: torch.compile guards on float attributes, so 40 blocks with 40
+    rates would compile 40 graphs instead of sharing one (common.compile_blocks)."""
 
     def __init__(self, p):
         super().__init__()
-        self.p = p
+        self.enabled = p > 0
+        self.register_buffer("p", torch.tensor(float(p)), persistent=False)
 
     def forward(self, x):
-        if not self.training or self.p == 0.0:
+        if not self.training or not self.enabled:
             return x
         keep = x.new_empty(x.shape[0], *([1] * (x.ndim - 1))).bernoulli_(1 - self.p)
         return x * keep / (1 - self.p)

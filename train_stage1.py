@@ -20,10 +20,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import (RunLog, WithLoss, build_optimizer, check, cleanup, cosine_lr, load_checkpoint, parse_config,
-                    print0, resume, run_summary, save_checkpoint, setup_runtime, training_loop, write_json)
+from common import (RunLog, WithLoss, build_optimizer, check, cleanup, compile_blocks, cosine_lr, distribute,
+                    load_checkpoint, load_state, model_state, optimizer_state, parse_config, pick_dtype, print0,
+                    resume, run_summary, save_checkpoint, setup_runtime, shard, training_loop, write_json)
 from data import ATTRIBUTES, VideoTextDataset, attention_mask, make_toyworld, random_mask, train_loader, tube_mask
 from evaluate import extract_features, probe_attributes
 from losses import stage1_loss
@@ -72,8 +72,10 @@ class Stage1Config:
     # system
     device: str = "auto"            # auto | cpu | cuda | cuda:N | mps
     dtype: str = "auto"             # auto (CUDA bf16, else fp32) | float32 | bfloat16 | float16
-    compile: bool = False           # torch.compile the student
+    compile: bool = False           # torch.compile the student's and the teachers' blocks (regional)
+    teacher_dtype: str = "auto"     # auto (bf16 under bf16 autocast, else fp32) | float32 | bfloat16
     grad_ckpt_blocks: int = 0       # activation checkpointing for the first N student blocks
+    fsdp: bool = False              # under torchrun: FSDP2-shard the student (6B) instead of DDP
     seed: int = 0                   # seeds init, data order, augmentation and masks
     out_dir: str = "out/stage1"     # ckpt.pt, log.txt, metrics.json
     init_from: str = ""             # start from this checkpoint's student weights (not its optimizer)
@@ -157,7 +159,8 @@ def main(argv=None):
             pretrain_toy_teachers(cfg.data, Path(missing_toy[0]).parent, *cfg.teacher_steps, seed=cfg.seed)
         barrier(rt)
     teachers = build_teachers(cfg.clip_teacher, cfg.mae_teacher, clip_ckpt or None, mae_ckpt or None)
-    teachers.to(rt.device)
+    tdtype = {"auto": torch.bfloat16 if rt.dtype == torch.bfloat16 else torch.float32}.get(cfg.teacher_dtype)
+    teachers.to(rt.device, tdtype or pick_dtype(rt.device, cfg.teacher_dtype))   # frozen: stored in bf16 on GPUs
     check(teachers.clip.cfg.embed_dim == vcfg.clip_teacher_dim and teachers.mae.cfg.embed_dim == vcfg.mae_teacher_dim
           and teachers.clip.cfg.pool_dim == vcfg.clip_teacher_final_dim,
           f"the student's heads ({vcfg.clip_teacher_dim}, {vcfg.clip_teacher_final_dim}, {vcfg.mae_teacher_dim}) "
@@ -169,6 +172,11 @@ def main(argv=None):
     # ---- student, optimizer, resume ----------------------------------------------------------
     student = InternVideo2(vcfg, with_heads=True).to(rt.device)
     student.grad_ckpt_blocks = cfg.grad_ckpt_blocks
+    if cfg.compile:
+        compile_blocks(student), compile_blocks(teachers.clip), compile_blocks(teachers.mae)
+    model = WithLoss(student, stage1_loss_fn(teachers, cfg, rt))
+    if cfg.fsdp:
+        shard(model, rt)                                               # before the optimizer sees it
     global_batch = cfg.batch_size * cfg.grad_accum * rt.world
     lr_scale = global_batch / 256                                      # FACTS 1.8
     optimizer = build_optimizer(student, cfg.lr * lr_scale, cfg.weight_decay, (0.9, cfg.beta2), 1e-6,
@@ -176,7 +184,7 @@ def main(argv=None):
     scaler = rt.make_scaler()
     step, ck = resume(out_dir, student, optimizer, scaler, rt) if cfg.resume else (0, None)
     if cfg.init_from and not cfg.resume:
-        student.load_state_dict(load_checkpoint(cfg.init_from)["model"])
+        load_state(student, None, load_checkpoint(cfg.init_from))
         print0(f"initialised the student from {cfg.init_from}", rt=rt)
     log = RunLog(out_dir, cfg, rt, resume=step > 0)
     print0(f"student {cfg.preset}:\n{param_table(student)}\nteachers: {cfg.clip_teacher} "
@@ -184,16 +192,12 @@ def main(argv=None):
            f"(frozen) | {rt.device} {rt.dtype} world {rt.world} | global batch {global_batch} "
            f"| lr {cfg.lr * lr_scale:.2e}", rt=rt)
 
-    model = WithLoss(torch.compile(student) if cfg.compile else student, stage1_loss_fn(teachers, cfg, rt))
-    if rt.ddp:
-        unused = not (cfg.w_clip and cfg.w_clip_final and cfg.w_mae)
-        model = DDP(model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None,
-                    find_unused_parameters=unused)
+    model = distribute(model, rt, find_unused=not (cfg.w_clip and cfg.w_clip_final and cfg.w_mae))
 
     # ---- train ---------------------------------------------------------------------------------
     def save(step, nan_skips):
         save_checkpoint(out_dir / "ckpt.pt", {
-            "stage": 1, "step": step, "model": student.state_dict(), "optimizer": optimizer.state_dict(),
+            "stage": 1, "step": step, "model": model_state(student), "optimizer": optimizer_state(student, optimizer),
             "scaler": scaler.state_dict() if scaler else None, "config": asdict(cfg),
             "model_config": asdict(vcfg), "nan_skips": nan_skips}, rt)
 
@@ -209,7 +213,10 @@ def main(argv=None):
 
     # ---- evaluate ------------------------------------------------------------------------------
     metrics = {"stage": 1, "preset": cfg.preset, **run_summary(result, cfg.max_steps)}
-    if cfg.eval and result["step"] == cfg.max_steps:
+    if cfg.eval and result["step"] == cfg.max_steps and cfg.fsdp and rt.ddp:
+        print0(f"--fsdp: no end-of-run probes (sharded forwards would need equal batches on every rank); "
+               f"evaluate with: python train_stage1.py --init_from={out_dir / 'ckpt.pt'} --max_steps=0", rt=rt)
+    elif cfg.eval and result["step"] == cfg.max_steps:
         metrics.update(evaluate_stage1(student, teachers, cfg, vcfg, rt))
     if rt.master:
         write_json(out_dir / "metrics.json", metrics)

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import (RunLog, WithLoss, build_optimizer, check, cleanup, cosine_lr, load_checkpoint, parse_config,
-                    print0, resume, run_summary, save_checkpoint, setup_runtime, training_loop, write_json)
+from common import (RunLog, WithLoss, build_optimizer, check, cleanup, compile_blocks, cosine_lr, distribute,
+                    load_checkpoint, model_state, optimizer_state, parse_config, print0, resume, run_summary,
+                    save_checkpoint, setup_runtime, training_loop, write_json)
 from data import VideoTextDataset, WordPieceTokenizer, make_toyworld, random_mask, stage2_fields, train_loader
 from losses import captioning_loss, contrastive_loss, matching_loss, mlm_loss
 from model import (Stage2Model, audio_preset, interpolate_pos_embed_time, load_beats, load_bert, param_table,
@@ -86,7 +86,7 @@ class Stage2Config:
     # system
     device: str = "auto"            # auto | cpu | cuda | cuda:N | mps
     dtype: str = "auto"             # auto (CUDA bf16, else fp32) | float32 | bfloat16 | float16
-    compile: bool = False           # torch.compile the model
+    compile: bool = False           # torch.compile every block of every tower (regional)
     grad_ckpt_blocks: int = 0       # activation checkpointing for the first N vision blocks
     seed: int = 0                   # seeds init, data order, augmentation and masks
     out_dir: str = "out/stage2"     # ckpt.pt, log.txt, metrics.json
@@ -266,15 +266,15 @@ def main(argv=None):
            f"losses {weights} | captions {cfg.caption_of} | {rt.device} {rt.dtype} world {rt.world} "
            f"| global batch {global_batch} | lr {cfg.lr:.2e}", rt=rt)
 
-    wrapped = WithLoss(torch.compile(model) if cfg.compile else model, stage2_loss_fn(cfg, rt, tok))
-    if rt.ddp:
-        wrapped = DDP(wrapped, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None,
-                      find_unused_parameters=True)
+    if cfg.compile:
+        compile_blocks(model)
+    wrapped = WithLoss(model, stage2_loss_fn(cfg, rt, tok))
+    wrapped = distribute(wrapped, rt, find_unused=True)
 
     # ---- train ---------------------------------------------------------------------------------
     def save(step, nan_skips):
         save_checkpoint(out_dir / "ckpt.pt", {
-            "stage": 2, "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "stage": 2, "step": step, "model": model_state(model), "optimizer": optimizer_state(model, optimizer),
             "scaler": scaler.state_dict() if scaler else None, "config": asdict(cfg),
             "model_config": {"vision": asdict(vcfg), "text": asdict(model.text_encoder.cfg),
                              "audio": asdict(acfg) if acfg else None, "embed_dim": cfg.embed_dim,

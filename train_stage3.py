@@ -27,10 +27,10 @@ from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import (RunLog, WithLoss, build_optimizer, check, cleanup, cosine_lr, load_checkpoint, parse_config,
-                    print0, resume, run_summary, save_checkpoint, setup_runtime, training_loop, write_json)
+from common import (RunLog, WithLoss, build_optimizer, check, cleanup, compile_blocks, cosine_lr, distribute,
+                    load_checkpoint, model_state, optimizer_state, parse_config, print0, resume, run_summary,
+                    save_checkpoint, setup_runtime, shard, store_frozen, training_loop, write_json)
 from data import (VideoTextDataset, WordPieceTokenizer, load_llm_tokenizer, make_toyworld, stage3_fields, train_loader,
                   video_index)
 from losses import answer_loss, contrastive_loss, matching_loss, next_token_loss
@@ -78,8 +78,9 @@ class Stage3Config:
     # system
     device: str = "auto"            # auto | cpu | cuda | cuda:N | mps
     dtype: str = "auto"             # auto (CUDA bf16, else fp32) | float32 | bfloat16 | float16
-    compile: bool = False           # torch.compile the model
+    compile: bool = False           # torch.compile every block of every tower (regional)
     grad_ckpt_blocks: int = 0       # activation checkpointing for the first N vision blocks
+    fsdp: bool = False              # under torchrun: FSDP2-shard the model (7B LLM) instead of DDP; one --substage
     seed: int = 0
     out_dir: str = "out/stage3"     # substage<k>/ckpt.pt + log.txt, ckpt.pt, metrics.json
     resume: bool = False            # skip finished sub-stages and continue the current one exactly
@@ -97,6 +98,8 @@ class Stage3Config:
         check(self.llm in LLM_PRESETS, f"--llm must be one of {list(LLM_PRESETS)}")
         check(len(self.steps) == 3 and all(s >= 0 for s in self.steps), "--steps wants three step counts")
         check(self.batch_size > 0 and self.grad_accum > 0, "--batch_size and --grad_accum must be positive")
+        check(not self.fsdp or self.substage, "--fsdp runs one sub-stage per invocation (--substage=1, 2 or 3): "
+              "LoRA and the frame count change the parameters between sub-stages")
         if not self.lrs:
             self.lrs = (1e-3, 1e-3, 1e-3) if toy else (1e-4, 1e-4, 2e-5)
         if not self.frames:         # the toy's position table is too coarse to survive 4 -> 8 frames before 3
@@ -217,7 +220,11 @@ def main(argv=None):
     if cfg.init_from:
         load_stage2_into(model, cfg.init_from, vcfg.num_frames, rt)
     model.to(rt.device)
+    if not cfg.fsdp:        # FSDP2 shards the fp32 weights instead (and wants one dtype per block)
+        store_frozen(model.llm.requires_grad_(False), torch.bfloat16 if rt.dtype == torch.bfloat16 else torch.float32)
     model.vision_encoder.grad_ckpt_blocks = cfg.grad_ckpt_blocks
+    if cfg.compile:
+        compile_blocks(model)
     n_visual = qcfg.num_query + qcfg.extra_query
     video_at = video_index(llm_tok)
     lora_kw = {"r": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout}
@@ -237,6 +244,9 @@ def main(argv=None):
             add_lora(model.llm, **lora_kw)
             model.to(rt.device)
         set_trainable(model, sub)
+        wrapped = WithLoss(model, substage_loss_fn(sub, cfg, rt, video_at))
+        if cfg.fsdp:
+            shard(wrapped, rt)                               # after LoRA and the frame change, before the optimizer
         optimizer = build_optimizer(model, cfg.lrs[sub - 1], cfg.weight_decay, (0.9, 0.999), 1e-8,
                                     {"temp"}, rt.device.type)
         scaler = rt.make_scaler()
@@ -252,15 +262,12 @@ def main(argv=None):
                                      crop_scale=(cfg.crop_scale, 1.0),
                                      extra=stage3_fields(llm_tok, bert_tok, sub, n_visual, cfg.max_llm_len,
                                                          cfg.max_text_len))
-        wrapped = WithLoss(torch.compile(model) if cfg.compile else model, substage_loss_fn(sub, cfg, rt, video_at))
-        if rt.ddp:
-            wrapped = DDP(wrapped, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None,
-                          find_unused_parameters=True)
+        wrapped = distribute(wrapped, rt, find_unused=True)
 
         def save(step, nan_skips, sub=sub, sub_dir=sub_dir, optimizer=optimizer, scaler=scaler):
             save_checkpoint(sub_dir / "ckpt.pt", {
-                "stage": 3, "substage": sub, "step": step, "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None,
+                "stage": 3, "substage": sub, "step": step, "model": model_state(model),
+                "optimizer": optimizer_state(model, optimizer), "scaler": scaler.state_dict() if scaler else None,
                 "config": asdict(cfg), "model_config": model_config(), "lora": model_config()["lora"],
                 "nan_skips": nan_skips}, rt)
 
@@ -278,13 +285,17 @@ def main(argv=None):
             return {"stage": 3, "substage": sub, "steps": results[sub]["step"], "finished": False}
 
     # ---- final checkpoint and evaluation ------------------------------------------------------
-    save_checkpoint(out_dir / "ckpt.pt", {"stage": 3, "step": sum(cfg.steps), "model": model.state_dict(),
+    save_checkpoint(out_dir / "ckpt.pt", {"stage": 3, "step": sum(cfg.steps), "model": model_state(model),
                                           "config": asdict(cfg), "model_config": model_config(),
                                           "lora": model_config()["lora"]}, rt)
     metrics = {"stage": 3, "preset": cfg.preset}
     for sub, res in results.items():
         metrics.update({f"substage{sub}_{k}": v for k, v in run_summary(res, cfg.steps[sub - 1]).items()})
-    if cfg.eval:
+    if cfg.eval and cfg.fsdp and rt.ddp:
+        print0(f"--fsdp: no end-of-run evaluation (sharded forwards would need equal batches on every rank); "
+               f"evaluate on one process: python train_stage3.py --substage=3 --steps=0,0,0 "
+               f"--init_from={out_dir / 'ckpt.pt'}", rt=rt)
+    elif cfg.eval:
         from evaluate import evaluate_stage3
         metrics.update(evaluate_stage3(model, llm_tok, bert_tok, cfg, model.vision_encoder.cfg, rt, video_at))
     if rt.master:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from common import ConfigError, Runtime, WithLoss, train_step
+from common import ConfigError, Runtime, WithLoss, distribute, model_state, shard, train_step
 from conftest import run_two_ranks, save_result
 from data import VideoTextDataset, train_loader
 from model import InternVideo2, vision_preset
@@ -57,39 +57,48 @@ def test_resume_is_bit_identical(toyworld, tmp_path):
         assert torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
 
 
-def _one_sgd_step(toyworld, rt, micro_batch, accum, model_wrap=lambda m: m):
-    """One train_step with SGD(lr=1): the parameter change is minus the (averaged) gradient."""
+def _one_sgd_step(toyworld, rt, micro_batch, accum, model_wrap=lambda m: m, fsdp=False):
+    """One train_step with SGD(lr=1): the parameter change is minus the (averaged) gradient.
+    With fsdp the student is FSDP2-sharded first; rank 0 returns the change, the others {}."""
     cfg = Stage1Config(data=str(toyworld))
     torch.manual_seed(0)
     teachers = build_teachers("toy", "toy")
     student = InternVideo2(vision_preset("toy"), with_heads=True)
     before = {k: v.clone() for k, v in student.state_dict().items()}
+    model = WithLoss(student, stage1_loss_fn(teachers, cfg, rt))
+    if fsdp:
+        shard(model, rt)
     ds = VideoTextDataset(Path(toyworld) / "train.jsonl", 16, 32, train=True, noise_grid=(8, 16))
     loader = iter(train_loader(ds, micro_batch, rt.rank, rt.world, 0, 0, workers=0))
     opt = torch.optim.SGD(student.parameters(), lr=1.0)
-    model = model_wrap(WithLoss(student, stage1_loss_fn(teachers, cfg, rt)))
-    train_step(model, [next(loader) for _ in range(accum)], opt, rt)
-    return {k: before[k] - v for k, v in student.state_dict().items()}
+    model = model_wrap(model)
+    train_step(model, [next(loader) for _ in range(accum)], opt, rt, grad_clip=1e9)
+    after = model_state(student)                     # FSDP: gathered to full tensors on rank 0
+    return {k: before[k] - v for k, v in after.items()}
 
 
-def _ddp_rank(rank, world, init, out, toyworld):
+def _ddp_rank(rank, world, init, out, toyworld, fsdp):
     import datetime
     import torch.distributed as dist
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))
     rt = Runtime(torch.device("cpu"), torch.float32, rank, rank, world, ddp=True)
-    grads = _one_sgd_step(toyworld, rt, 1, 2, torch.nn.parallel.DistributedDataParallel)
+    grads = _one_sgd_step(toyworld, rt, 1, 2, lambda m: distribute(m, rt), fsdp=fsdp)
     save_result(grads, out)
     dist.destroy_process_group()
 
 
-def test_two_ranks_with_accumulation_equal_one_process_on_the_global_batch(toyworld, tmp_path):
-    """1 process, micro-batch 4 vs 2 gloo ranks x 2 accumulated micro-batches of 1 (no_sync on the
-    first): the same 4 clips, masks and targets, so the same gradient."""
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
+def test_two_ranks_with_accumulation_equal_one_process_on_the_global_batch(toyworld, tmp_path, fsdp):
+    """1 process, micro-batch 4 vs 2 gloo ranks x 2 accumulated micro-batches of 1 (gradient sync
+    only on the second): the same 4 clips, masks and targets, so the same gradient, under DDP and
+    under FSDP2 (sharded parameters and gradients, full weights gathered back for the comparison)."""
     single = _one_sgd_step(toyworld, Runtime(torch.device("cpu"), torch.float32), 4, 1)
-    for grads in run_two_ranks(_ddp_rank, tmp_path, str(toyworld)):
-        for k, g in single.items():
+    results = run_two_ranks(_ddp_rank, tmp_path, str(toyworld), fsdp)
+    assert results[0] and (fsdp or results[1])
+    for grads in results:
+        for k, g in single.items() if grads else ():
             torch.testing.assert_close(grads[k], g, atol=2e-6, rtol=1e-4, msg=k)
     assert max(g.abs().max() for g in single.values()) > 0
 
