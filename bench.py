@@ -74,6 +74,7 @@ class BenchConfig:
     device: str = "auto"            # auto | cpu | cuda
     dtype: str = "auto"             # auto (CUDA bf16, else fp32) | float32 | bfloat16
     count_flops: bool = True        # count FLOPs on one eager step (MFU)
+    profile: bool = False           # print the top ops of one profiled step (torch.profiler)
     # loader
     data: str = "data/toyworld"     # folder with train.jsonl
     workers: str = "0,1,2"          # worker counts to try
@@ -126,10 +127,27 @@ class Parts:
         self.pending, self.times = [], {}
 
 
+def _attention_flops(q_at, backward):
+    """FLOP formula for the fused SDPA kernels that also accepts grouped-query attention (fewer K/V
+    heads than query heads; torch's own formula asserts equal heads): the two matmuls, QK^T and PV,
+    are 4 * B * Hq * Nq * Nk * hd FLOPs forward, and the backward's five 2.5 times that."""
+    def formula(*args, out_shape=None, **kw):
+        (b, h, nq, d), nk = args[q_at], args[q_at + 1][-2]
+        return int(4 * b * h * nq * nk * d * (2.5 if backward else 1.0))
+    return formula
+
+
 def count_flops(fn):
     """FLOPs of fn() (forward and backward if it runs both), from the ops it dispatches."""
     from torch.utils.flop_counter import FlopCounterMode
-    with FlopCounterMode(display=False) as counter:
+    aten = torch.ops.aten
+    mapping = {}
+    for name in ("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+                 "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu"):
+        if hasattr(aten, name):                   # forward: (q, k, v, ...); backward: (grad_out, q, k, v, ...)
+            mapping[getattr(aten, name)] = _attention_flops(0, False)
+            mapping[getattr(aten, name + "_backward")] = _attention_flops(1, True)
+    with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
         fn()
     return counter.get_total_flops()
 
@@ -168,8 +186,6 @@ def build_stage1(cfg, rt, parts):
         student = InternVideo2(vcfg, with_heads=True)
     teachers.to(rt.device, frozen_dtype(cfg, rt))
     student.grad_ckpt_blocks = cfg.grad_ckpt_blocks
-    if cfg.compile:
-        compile_blocks(student), compile_blocks(teachers.clip), compile_blocks(teachers.mae)
     s1 = Stage1Config(mask_ratio=cfg.mask_ratio)
     optimizer = build_optimizer(student, 1e-4, 0.05, (0.9, 0.98), 1e-6, student.no_weight_decay(), rt.device.type)
     timed_teachers = parts.wrap(teachers, "teachers forward")
@@ -181,7 +197,7 @@ def build_stage1(cfg, rt, parts):
         return {"video": torch.randn(B, 3, 2 * cfg.num_frames, S, S, device=rt.device),
                 "mask_noise": torch.rand(B, T, Np, device=rt.device)}
     flops_of = {"teachers forward": lambda b: teachers(b["video"])}
-    return model, optimizer, batch, flops_of, {"student": student}
+    return model, optimizer, batch, flops_of, {"student": student}, [student, teachers.clip, teachers.mae]
 
 
 def build_stage2(cfg, rt, parts):
@@ -198,8 +214,6 @@ def build_stage2(cfg, rt, parts):
     if acfg:
         store_frozen(model.audio_encoder.requires_grad_(False), frozen_dtype(cfg, rt))
     model.vision_encoder.grad_ckpt_blocks = cfg.grad_ckpt_blocks
-    if cfg.compile:
-        compile_blocks(model)
     optimizer = build_optimizer(model, 5e-5, 0.05, (0.9, 0.98), 1e-8, model.no_weight_decay(), rt.device.type)
     tok = SimpleNamespace(mask_id=4, cls_id=2)           # the only ids the masked LM needs
     wrapped = WithLoss(model, stage2_loss_fn(s2, rt, tok))
@@ -219,7 +233,7 @@ def build_stage2(cfg, rt, parts):
         if with_audio:
             out["fbank"] = torch.randn(B, acfg.frames, acfg.mel_bins, device=dev)
         return out
-    return wrapped, optimizer, batch, {}, {"model": model}
+    return wrapped, optimizer, batch, {}, {"model": model}, [model]
 
 
 def build_stage3(cfg, rt, parts):
@@ -235,8 +249,6 @@ def build_stage3(cfg, rt, parts):
     set_trainable(model, cfg.substage)
     store_frozen(model.llm, frozen_dtype(cfg, rt))
     model.vision_encoder.grad_ckpt_blocks = cfg.grad_ckpt_blocks
-    if cfg.compile:
-        compile_blocks(model)
     optimizer = build_optimizer(model, 1e-4, 0.02, (0.9, 0.999), 1e-8, {"temp"}, rt.device.type)
     s3 = Stage3Config(preset=cfg.preset, qformer=cfg.qformer, llm=cfg.llm)
     s3.validate()
@@ -254,7 +266,7 @@ def build_stage3(cfg, rt, parts):
         return {"video": torch.randn(B, 3, cfg.num_frames, S, S, device=dev), "llm_ids": ids, "llm_labels": labels,
                 "llm_mask": torch.ones_like(ids), "qf_ids": t_ids, "qf_mask": t_mask, "ids_caption": t_ids,
                 "mask_caption": t_mask, "pos_caption": torch.arange(B, device=dev)}
-    return wrapped, optimizer, batch, {}, {"model": model}
+    return wrapped, optimizer, batch, {}, {"model": model}, [model]
 
 
 def frozen_dtype(cfg, rt):
@@ -270,7 +282,7 @@ def bench_stage(cfg):
     parts = Parts(rt.device)
     build = {"1": build_stage1, "2": build_stage2, "3": build_stage3}[cfg.stage]
     t0 = time.perf_counter()
-    model, optimizer, make_batch, part_flops, nets = build(cfg, rt, parts)
+    model, optimizer, make_batch, part_flops, nets, compiled = build(cfg, rt, parts)
     n_params = {k: sum(p.numel() for p in v.parameters()) for k, v in nets.items()}
     n_train = sum(p.numel() for v in nets.values() for p in v.parameters() if p.requires_grad)
     optimizer.step = parts.wrap(optimizer.step, "optimizer")
@@ -288,12 +300,15 @@ def bench_stage(cfg):
         ckpt = [(m, m.grad_ckpt_blocks) for m in model.modules() if hasattr(m, "grad_ckpt_blocks")]
         for m, _ in ckpt:
             m.grad_ckpt_blocks = 0
-        with torch._dynamo.config.patch(disable=True):   # compiled blocks run eagerly under the counter
-            flops = count_flops(lambda: step(small)) * cfg.batch_size / n
+        flops = count_flops(lambda: step(small)) * cfg.batch_size / n          # before compiling: eager
+        with rt.autocast():
             sub_flops = {k: count_flops(lambda: fn(small)) * cfg.batch_size / n for k, fn in part_flops.items()}
         for m, k in ckpt:
             m.grad_ckpt_blocks = k
         parts.reset()
+    if cfg.compile:
+        for net in compiled:
+            compile_blocks(net)
     if rt.device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -314,6 +329,13 @@ def bench_stage(cfg):
         losses.append(loss)
         parts.collect()
     dt = statistics.median(times)
+    if cfg.profile:
+        from torch.profiler import ProfilerActivity, profile
+        cuda = rt.device.type == "cuda"
+        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+            step()
+        print(prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total",
+                                        row_limit=15, max_name_column_width=60), flush=True)
     peak = peak_flops(rt.device)
     measured_peak = matmul_peak(rt.device) if rt.device.type == "cuda" else None
     res = {
@@ -353,7 +375,8 @@ def bench_loader(cfg):
            "batch_size": cfg.batch_size, "cpu_count": os.cpu_count(), "clips_per_s": {}}
     for w in [int(x) for x in str(cfg.workers).split(",")]:
         it = iter(train_loader(ds, cfg.batch_size, 0, 1, seed=0, start=0, workers=w))
-        next(it)                                          # workers started, first batch decoded
+        for _ in range(1 + 4 * w):                        # drain what the workers prefetched while starting
+            next(it)
         t0 = time.perf_counter()
         for _ in range(cfg.loader_batches):
             next(it)

@@ -33,17 +33,19 @@ bench() {   # bench <time limit s> <args...>
 say "$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader)"
 say "$($PY -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)')"
 
-say "GPU tests"
-timeout 120 $PY -m pytest -q tests/test_gpu.py 2>&1 | tail -n 30 > "$OUT/pytest.log"
-say "  $(tail -n 1 "$OUT/pytest.log")"
+if [ -z "${SKIP_TESTS:-}" ]; then
+    say "GPU tests"
+    timeout 120 $PY -m pytest -q tests/test_gpu.py 2>&1 | tail -n 30 > "$OUT/pytest.log"
+    say "  $(tail -n 1 "$OUT/pytest.log")"
+fi
 
 S1="--stage=1 --preset=1B --clip_teacher=internvit-6b --mae_teacher=videomae-g --batch_size=16 --steps=5 --warmup=2"
-bench 170 $S1 --compile
-bench 120 --stage=2 --preset=1B --text=bert-large --batch_size=64 --steps=5 --warmup=2 --compile
+bench 170 $S1 --compile --profile
+bench 120 --stage=2 --preset=1B --text=bert-large --batch_size=64 --steps=5 --warmup=2 --compile --profile
 bench 150 --stage=3 --preset=1B --qformer=base --llm=mistral-7b --batch_size=8 --grad_ckpt_blocks=40 \
-    --steps=4 --warmup=2 --compile
+    --steps=4 --warmup=2 --compile --profile
 bench 50 $S1
 bench 40 --stage=loader --data=/tmp/frames224 --make_frames=96 --img_size=224 --batch_size=8 \
-    --loader_batches=8 --workers=1,4,8,15
+    --loader_batches=10 --workers=1,4,8,15
 bench 50 $S1 --frozen_dtype=float32
 say "done"
