@@ -25,7 +25,7 @@ bench() {   # bench <time limit s> <args...>
     [ "$left" -lt "$limit" ] && limit=$left
     if [ "$limit" -lt 30 ]; then say "skipped (deadline): $*"; return; fi
     say "bench (limit ${limit}s) $*"
-    timeout "$limit" $PY bench.py --out="$J" "$@" 2>&1 | grep -v "it/s\]" | tail -n 25 | tee -a "$LOG"
+    timeout "$limit" $PY bench.py --out="$J" "$@" 2>&1 | grep -v "it/s\]" | tail -n 45 | tee -a "$LOG"
     local rc=${PIPESTATUS[0]}
     [ "$rc" = 0 ] || say "  -> exit code $rc"
 }
