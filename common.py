@@ -180,6 +180,12 @@ def setup_runtime(device="auto", dtype="auto", seed=0, timeout_s=1800):
     return Runtime(dev, pick_dtype(dev, dtype), rank, local_rank, world, ddp)
 
 
+def barrier(rt):
+    """Wait for every rank (a no-op in one process): after rank 0 wrote shared files (ToyWorld, toys)."""
+    if rt.ddp:
+        dist.barrier()
+
+
 def cleanup(rt):
     if rt.ddp and dist.is_initialized():
         dist.barrier()

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from common import (RunLog, WithLoss, build_optimizer, check, cleanup, compile_blocks, cosine_lr, distribute,
+from common import (RunLog, WithLoss, barrier, build_optimizer, check, cleanup, compile_blocks, cosine_lr, distribute,
                     load_checkpoint, load_state, model_state, optimizer_state, parse_config, pick_dtype, print0,
                     resume, run_summary, save_checkpoint, setup_runtime, shard, training_loop, write_json)
 from data import ATTRIBUTES, VideoTextDataset, attention_mask, make_toyworld, random_mask, train_loader, tube_mask
@@ -225,11 +225,6 @@ def main(argv=None):
         print0(f"metrics -> {out_dir / 'metrics.json'}: {summary}")
     cleanup(rt)
     return metrics
-
-
-def barrier(rt):
-    if rt.ddp:
-        torch.distributed.barrier()
 
 
 @torch.no_grad()

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from common import (RunLog, WithLoss, build_optimizer, check, cleanup, compile_blocks, cosine_lr, distribute,
+from common import (RunLog, WithLoss, barrier, build_optimizer, check, cleanup, compile_blocks, cosine_lr, distribute,
                     load_checkpoint, model_state, optimizer_state, parse_config, print0, resume, run_summary,
                     save_checkpoint, setup_runtime, training_loop, write_json)
 from data import VideoTextDataset, WordPieceTokenizer, make_toyworld, random_mask, stage2_fields, train_loader
@@ -213,8 +213,7 @@ def main(argv=None):
     # ---- data ---------------------------------------------------------------------------------
     if cfg.data == TOYWORLD and rt.master:
         make_toyworld(cfg.data)
-    if rt.ddp:
-        torch.distributed.barrier()
+    barrier(rt)
     tok = WordPieceTokenizer(cfg.vocab or Path(cfg.data) / "vocab.txt")
     overrides = {"num_frames": cfg.num_frames}
     if cfg.img_size:
@@ -241,8 +240,7 @@ def main(argv=None):
         if rt.master and not Path(cfg.text_ckpt).exists():
             pretrain_toy_bert(cfg.data, tok, model.text_encoder.cfg, cfg.text_ckpt, max_len=cfg.max_text_len,
                               seed=cfg.seed)
-        if rt.ddp:
-            torch.distributed.barrier()
+        barrier(rt)
     if cfg.text_ckpt:
         fresh = load_bert(model.text_encoder, load_checkpoint(cfg.text_ckpt))
         print0(f"text encoder from {cfg.text_ckpt}; new (random) tensors: {len(fresh)} "

@@ -28,7 +28,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from common import (RunLog, WithLoss, build_optimizer, check, cleanup, compile_blocks, cosine_lr, distribute,
+from common import (RunLog, WithLoss, barrier, build_optimizer, check, cleanup, compile_blocks, cosine_lr, distribute,
                     load_checkpoint, model_state, optimizer_state, parse_config, print0, resume, run_summary,
                     save_checkpoint, setup_runtime, shard, store_frozen, training_loop, write_json)
 from data import (VideoTextDataset, WordPieceTokenizer, load_llm_tokenizer, make_toyworld, stage3_fields, train_loader,
@@ -305,11 +305,6 @@ def main(argv=None):
             isinstance(v, float)))
     cleanup(rt)
     return metrics
-
-
-def barrier(rt):
-    if rt.ddp:
-        torch.distributed.barrier()
 
 
 if __name__ == "__main__":
