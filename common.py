@@ -212,7 +212,11 @@ def shard(model, rt):
     from torch.distributed.fsdp import fully_shard
     for blk in repeated_blocks(model):
         fully_shard(blk)
-    fully_shard(model)
+    # FSDP2 shards along dim 0, so a scalar (the contrastive temperature) stays replicated on every
+    # rank; train_step averages its gradient across ranks itself.
+    scalars = [p for p in model.parameters() if p.ndim == 0]
+    fully_shard(model, ignored_params=set(scalars) or None)
+    model.replicated_params = scalars
     return model
 
 
@@ -336,12 +340,15 @@ def train_step(model, micro_batches, optimizer, rt, scaler=None, grad_clip=0.0):
     ok = bool(finite.item())
     grad_norm = float("nan")
     if ok:
+        for p in getattr(model, "replicated_params", ()):   # FSDP: parameters left out of the sharding
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad /= rt.world
         if scaler:
             scaler.unscale_(optimizer)
         params = [p for g in optimizer.param_groups for p in g["params"]]
         if grad_clip > 0:
-            norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
-            grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)   # FSDP: a DTensor
+            grad_norm = clip_gradients(params, grad_clip)
         if scaler:
             scaler.step(optimizer)
             scaler.update()
@@ -349,6 +356,25 @@ def train_step(model, micro_batches, optimizer, rt, scaler=None, grad_clip=0.0):
             optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return float(total), {k: float(v) for k, v in parts.items()}, grad_norm, ok
+
+
+def clip_gradients(params, max_norm):
+    """clip_grad_norm_ that also takes FSDP's sharded (DTensor) gradients mixed with plain ones: the
+    norm of each kind, the sharded one reduced over ranks, combined, then one scale for all.
+    Returns the total norm before clipping, as a float."""
+    with_grad = [p for p in params if p.grad is not None]
+    groups = [g for g in ([p for p in with_grad if hasattr(p.grad, "full_tensor")],
+                          [p for p in with_grad if not hasattr(p.grad, "full_tensor")]) if g]
+    if not groups:
+        return 0.0
+    norms = []
+    for group in groups:
+        n = torch.nn.utils.get_total_norm([p.grad for p in group])
+        norms.append(n.full_tensor() if hasattr(n, "full_tensor") else n)
+    total = torch.stack([n.float() for n in norms]).norm()
+    for group in groups:
+        torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
+    return float(total)
 
 
 def grad_sync(model, rt, sync):
