@@ -128,6 +128,12 @@ class Runtime:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
 
+    @property
+    def frozen_dtype(self):
+        """Storage dtype of frozen weights (teachers, the LLM in stage 3): bf16 under bf16 autocast,
+        where matmuls run in bf16 anyway; fp32 otherwise (fp16 weights could overflow)."""
+        return torch.bfloat16 if self.dtype == torch.bfloat16 else torch.float32
+
     def make_scaler(self):
         """fp16 needs loss scaling; bf16 and fp32 do not."""
         return torch.amp.GradScaler("cuda") if self.dtype == torch.float16 and self.device.type == "cuda" else None

@@ -187,7 +187,19 @@ def _write_clip(args):
     return sample
 
 
-def make_toyworld(root="data/toyworld", n_train=2000, n_val=500, seed=0, workers=2, verbose=True):
+TOYWORLD = "data/toyworld"           # every stage's default --data: written there on first use
+
+
+def prepare_toyworld(path, rt):
+    """At the start of a run: rank 0 writes ToyWorld when `path` is its default location (a no-op when
+    it is there already), and every rank waits for it."""
+    from common import barrier
+    if str(path) == TOYWORLD and rt.master:
+        make_toyworld(path)
+    barrier(rt)
+
+
+def make_toyworld(root=TOYWORLD, n_train=2000, n_val=500, seed=0, workers=2, verbose=True):
     """Write ToyWorld to `root` (train.jsonl, val.jsonl, videos/, audio/, meta.json) unless a copy
     with the same settings is already there. Returns the root as a Path."""
     root = Path(root)

@@ -115,12 +115,18 @@ VISION_PRESETS = {
 }
 
 
+def preset(table, name, kind, **overrides):
+    """The one preset lookup (vision, text, audio, teachers): by name, case-insensitive, with field
+    overrides, validated when the config can validate itself."""
+    by_name = {k.lower(): v for k, v in table.items()}
+    if name.lower() not in by_name:
+        raise ValueError(f"unknown {kind} preset {name!r}; choose one of {list(table)}")
+    cfg = replace(by_name[name.lower()], **overrides)
+    return cfg.validate() if hasattr(cfg, "validate") else cfg
+
+
 def vision_preset(name, **overrides):
-    """Look up a preset by name (case-insensitive) and apply field overrides."""
-    table = {k.lower(): v for k, v in VISION_PRESETS.items()}
-    if name.lower() not in table:
-        raise ValueError(f"unknown vision preset {name!r}; choose one of {list(VISION_PRESETS)}")
-    return replace(table[name.lower()], **overrides).validate()
+    return preset(VISION_PRESETS, name, "vision", **overrides)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -550,9 +556,7 @@ TEXT_PRESETS = {
 
 
 def text_preset(name, **overrides):
-    if name not in TEXT_PRESETS:
-        raise ValueError(f"unknown text preset {name!r}; choose one of {list(TEXT_PRESETS)}")
-    return replace(TEXT_PRESETS[name], **overrides)
+    return preset(TEXT_PRESETS, name, "text", **overrides)
 
 
 class BertAttention(nn.Module):
@@ -732,10 +736,6 @@ class AudioConfig:
     gru_rel_pos: bool = True       # gated relative position bias
     dropout: float = 0.1           # the official keeps the frozen BEATs in train mode (FACTS 6.18)
 
-    @property
-    def num_tokens(self):
-        return (self.frames // self.patch) * (self.mel_bins // self.patch)
-
 
 # beats-base: the released BEATs iter3 checkpoints' cfg as far as known; load_beats reads the
 # checkpoint's own cfg when present (FACTS 7).
@@ -747,9 +747,7 @@ AUDIO_PRESETS = {
 
 
 def audio_preset(name, **overrides):
-    if name not in AUDIO_PRESETS:
-        raise ValueError(f"unknown audio preset {name!r}; choose one of {list(AUDIO_PRESETS)}")
-    return replace(AUDIO_PRESETS[name], **overrides)
+    return preset(AUDIO_PRESETS, name, "audio", **overrides)
 
 
 class PosConv(nn.Module):

@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import (AttentionPool, Block, PatchEmbed, VisionConfig, count_params, sincos_2d,
+from model import (AttentionPool, Block, PatchEmbed, VisionConfig, count_params, preset, sincos_2d,
                    sinusoid_table)
 
 # Official teacher shapes (FACTS 1.4); drop path is irrelevant for a frozen teacher.
@@ -51,9 +51,7 @@ MAE_TEACHER_PRESETS = {
 
 
 def teacher_preset(table, name):
-    if name not in table:
-        raise ValueError(f"unknown teacher preset {name!r}; choose one of {list(table)}")
-    return table[name].validate()
+    return preset(table, name, "teacher")
 
 
 class InternViTTeacher(nn.Module):

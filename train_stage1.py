@@ -24,13 +24,12 @@ import torch
 from common import (RunLog, WithLoss, barrier, build_optimizer, check, cleanup, compile_blocks, cosine_lr, distribute,
                     load_checkpoint, load_state, model_state, optimizer_state, parse_config, pick_dtype, print0,
                     resume, run_summary, save_checkpoint, setup_runtime, shard, training_loop, write_json)
-from data import ATTRIBUTES, VideoTextDataset, attention_mask, make_toyworld, random_mask, train_loader, tube_mask
+from data import (ATTRIBUTES, TOYWORLD, VideoTextDataset, attention_mask, prepare_toyworld, random_mask, train_loader,
+                  tube_mask)
 from evaluate import extract_features, probe_attributes
 from losses import stage1_loss
 from model import InternVideo2, count_params, gather_tokens, param_table, vision_preset
 from teachers import build_teachers, pretrain_toy_teachers
-
-TOYWORLD = "data/toyworld"
 
 
 @dataclass
@@ -128,9 +127,7 @@ def main(argv=None):
     out_dir = Path(cfg.out_dir)
 
     # ---- data ---------------------------------------------------------------------------------
-    if cfg.data == TOYWORLD and rt.master:
-        make_toyworld(cfg.data)
-    barrier(rt)
+    prepare_toyworld(cfg.data, rt)
     overrides = {"num_frames": cfg.num_frames}
     if cfg.img_size:
         overrides["img_size"] = cfg.img_size
@@ -159,8 +156,7 @@ def main(argv=None):
             pretrain_toy_teachers(cfg.data, Path(missing_toy[0]).parent, *cfg.teacher_steps, seed=cfg.seed)
         barrier(rt)
     teachers = build_teachers(cfg.clip_teacher, cfg.mae_teacher, clip_ckpt or None, mae_ckpt or None)
-    tdtype = {"auto": torch.bfloat16 if rt.dtype == torch.bfloat16 else torch.float32}.get(cfg.teacher_dtype)
-    teachers.to(rt.device, tdtype or pick_dtype(rt.device, cfg.teacher_dtype))   # frozen: stored in bf16 on GPUs
+    teachers.to(rt.device, rt.frozen_dtype if cfg.teacher_dtype == "auto" else pick_dtype(rt.device, cfg.teacher_dtype))
     check(teachers.clip.cfg.embed_dim == vcfg.clip_teacher_dim and teachers.mae.cfg.embed_dim == vcfg.mae_teacher_dim
           and teachers.clip.cfg.pool_dim == vcfg.clip_teacher_final_dim,
           f"the student's heads ({vcfg.clip_teacher_dim}, {vcfg.clip_teacher_final_dim}, {vcfg.mae_teacher_dim}) "

@@ -26,13 +26,13 @@ import torch.nn.functional as F
 from common import (RunLog, WithLoss, barrier, build_optimizer, check, cleanup, compile_blocks, cosine_lr, distribute,
                     load_checkpoint, model_state, optimizer_state, parse_config, print0, resume, run_summary,
                     save_checkpoint, setup_runtime, training_loop, write_json)
-from data import VideoTextDataset, WordPieceTokenizer, make_toyworld, random_mask, stage2_fields, train_loader
+from data import (TOYWORLD, VideoTextDataset, WordPieceTokenizer, prepare_toyworld, random_mask, stage2_fields,
+                  train_loader)
 from losses import captioning_loss, contrastive_loss, matching_loss, mlm_loss
 from model import (Stage2Model, audio_preset, interpolate_pos_embed_time, load_beats, load_bert, param_table,
                    text_preset, vision_preset)
 from pretrain_toys import pretrain_toy_bert
 
-TOYWORLD = "data/toyworld"
 LOSSES = ("vtc", "vtm", "mlm", "atc", "avtc", "avtm", "avmlm")
 AUDIO_LOSSES = ("atc", "avtc", "avtm", "avmlm")
 
@@ -211,9 +211,7 @@ def main(argv=None):
     out_dir = Path(cfg.out_dir)
 
     # ---- data ---------------------------------------------------------------------------------
-    if cfg.data == TOYWORLD and rt.master:
-        make_toyworld(cfg.data)
-    barrier(rt)
+    prepare_toyworld(cfg.data, rt)
     tok = WordPieceTokenizer(cfg.vocab or Path(cfg.data) / "vocab.txt")
     overrides = {"num_frames": cfg.num_frames}
     if cfg.img_size:

@@ -31,14 +31,12 @@ import torch.nn.functional as F
 from common import (RunLog, WithLoss, barrier, build_optimizer, check, cleanup, compile_blocks, cosine_lr, distribute,
                     load_checkpoint, model_state, optimizer_state, parse_config, print0, resume, run_summary,
                     save_checkpoint, setup_runtime, shard, store_frozen, training_loop, write_json)
-from data import (VideoTextDataset, WordPieceTokenizer, load_llm_tokenizer, make_toyworld, stage3_fields, train_loader,
-                  video_index)
+from data import (TOYWORLD, VideoTextDataset, WordPieceTokenizer, load_llm_tokenizer, prepare_toyworld, stage3_fields,
+                  train_loader, video_index)
 from losses import answer_loss, contrastive_loss, matching_loss, next_token_loss
 from model import (LLM_PRESETS, QFORMER_PRESETS, Stage3Model, add_lora, bert_key_map, interpolate_pos_embed_time,
                    load_llm, param_table, text_preset, vision_preset, qformer_from_bert)
 from pretrain_toys import pretrain_toy_bert, pretrain_toy_llm
-
-TOYWORLD = "data/toyworld"
 
 
 @dataclass
@@ -182,9 +180,7 @@ def main(argv=None):
     cfg = parse_config(Stage3Config(), sys.argv[1:] if argv is None else argv, __doc__)
     rt = setup_runtime(cfg.device, cfg.dtype, cfg.seed)
     out_dir = Path(cfg.out_dir)
-    if cfg.data == TOYWORLD and rt.master:
-        make_toyworld(cfg.data)
-    barrier(rt)
+    prepare_toyworld(cfg.data, rt)
 
     # ---- tokenizers, model, pre-trained parts -------------------------------------------------
     bert_tok = WordPieceTokenizer(cfg.vocab or Path(cfg.data) / "vocab.txt")
@@ -221,7 +217,7 @@ def main(argv=None):
         load_stage2_into(model, cfg.init_from, vcfg.num_frames, rt)
     model.to(rt.device)
     if not cfg.fsdp:        # FSDP2 shards the fp32 weights instead (and wants one dtype per block)
-        store_frozen(model.llm.requires_grad_(False), torch.bfloat16 if rt.dtype == torch.bfloat16 else torch.float32)
+        store_frozen(model.llm.requires_grad_(False), rt.frozen_dtype)
     model.vision_encoder.grad_ckpt_blocks = cfg.grad_ckpt_blocks
     if cfg.compile:
         compile_blocks(model)

@@ -24,6 +24,9 @@ def test_bench_loader_on_frame_folders(tmp_path):
     res = bench.main(["--stage=loader", f"--data={tmp_path / 'frames'}", "--make_frames=6", "--img_size=64",
                       "--batch_size=2", "--loader_batches=2", "--workers=0,1"])
     assert set(res["clips_per_s"]) == {0, 1} and all(v > 0 for v in res["clips_per_s"].values())
+    from data import VideoTextDataset                      # the synthetic frame folders are the real layout
+    ds = VideoTextDataset(tmp_path / "frames" / "train.jsonl", 8, 64, train=True, cache=False)
+    assert res["clips"] == len(ds) == 6 and ds[0]["video"].shape == (3, 8, 64, 64)
 
 
 def test_flop_counts_match_the_official_stage1_networks():
