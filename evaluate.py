@@ -127,6 +127,32 @@ def rerank(sim, k, score_fn, rt, chunk=128):
     return out
 
 
+def match_margins(scores, gt, records, caption_key):
+    """ToyWorld's view into a re-ranking (FACTS 5.1 gives none): for each attribute the caption type
+    describes, mean matching logit of the positives minus that of the top-k candidates that differ from
+    the query in that attribute alone. > 0: the matching head tells that attribute apart; about 0: it
+    cannot, and re-ranking shuffles such candidates with the true clip. scores: re-ranked (queries,
+    gallery) with -100 outside the top k; gt as for recall_at_k. {} without attributes."""
+    from data import CAPTION_ATTRS
+    attrs = CAPTION_ATTRS.get(caption_key, ())
+    if not attrs or not all("attrs" in r for r in records):
+        return {}
+    scored = scores > -100
+    differs = {}
+    for a in attrs:
+        names = [str(r["attrs"][a]) for r in records]
+        v = torch.tensor([sorted(set(names)).index(x) for x in names])
+        differs[a] = v[:, None] != v[None, :]
+    n_diff = sum(d.int() for d in differs.values())
+    pos = scores[gt & scored]
+    out = {}
+    for a in attrs:
+        only = differs[a] & (n_diff == 1) & scored
+        if only.any() and pos.numel():
+            out[a] = float(pos.mean() - scores[only].mean())
+    return out
+
+
 def _gt(records, caption_key):
     """(N, N) positives: the same positive id (the sample itself; on ToyWorld the same described
     attributes, as in training)."""
@@ -180,6 +206,7 @@ def evaluate_stage2(model, tok, cfg, vcfg, acfg, rt):
     v2t = rerank(sim.t(), cfg.rerank_k, lambda j, top: score(top, torch.full_like(top, j)), rt)
     for name, s, g in (("t2v", t2v, gt), ("v2t", v2t, gt.t())):
         out.update({f"{name}_r{k}_rerank": v for k, v in recall_at_k(s, g).items()})
+    out.update({f"t2v_vtm_margin_{a}": v for a, v in match_margins(t2v, gt, recs, "caption").items()})
 
     if acfg:                                                                    # text <-> audio, audio+video
         out.update(retrieval("t2a", norm(f["emb_audio_caption"]) @ norm(f["a_emb"]).t(), _gt(recs, "audio_caption")))
@@ -196,6 +223,7 @@ def evaluate_stage2(model, tok, cfg, vcfg, acfg, rt):
         av2t = rerank(sim_av.t(), cfg.rerank_k, lambda j, top: score_av(top, torch.full_like(top, j)), rt)
         for name, s, g in (("t2av", t2av, gt_av), ("av2t", av2t, gt_av.t())):
             out.update({f"{name}_r{k}_rerank": v for k, v in recall_at_k(s, g).items()})
+        out.update({f"t2av_avtm_margin_{a}": v for a, v in match_margins(t2av, gt_av, recs, "avs_caption").items()})
 
     if all("attrs" in r for r in recs):                                         # zero-shot motion classes
         classes = [f"{d} {s}" for d in DIRECTIONS for s in SPEEDS]

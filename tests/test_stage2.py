@@ -172,6 +172,28 @@ def test_hard_negatives_are_never_positives():
     assert torch.isfinite(loss)
 
 
+def test_retrieval_recall_rerank_and_match_margins():
+    from common import Runtime
+    from evaluate import match_margins, recall_at_k, rerank
+    sim = torch.tensor([[0.9, 0.8, 0.1], [0.2, 0.3, 0.1], [0.5, 0.6, 0.7]])
+    gt = torch.tensor([[False, True, True], [False, True, False], [True, False, False]])
+    r = recall_at_k(sim, gt, ks=(1, 2))                 # the best-ranked positive counts (FACTS 5.1)
+    assert r[1] == pytest.approx(1 / 3) and r[2] == pytest.approx(2 / 3)
+    # re-ranking rescores only each row's top k, by the matching score alone; the rest become -100
+    calls = []
+    score = lambda i, top: (calls.append((i, sorted(top.tolist()))), -top.float())[1]
+    out = rerank(sim, 2, score, Runtime(torch.device("cpu"), torch.float32))
+    assert calls == [(0, [0, 1]), (1, [0, 1]), (2, [1, 2])]
+    assert out.tolist() == [[0.0, -1.0, -100.0], [0.0, -1.0, -100.0], [-100.0, -1.0, -2.0]]
+    # margins: positives 1.0; candidates differing only in colour -1.0, only in direction 1.0
+    recs = [{"attrs": {"shape": "circle", "color": c, "size": "small", "direction": d, "speed": "slowly"}}
+            for c, d in (("red", "up"), ("red", "up"), ("blue", "up"), ("red", "down"))]
+    gt = torch.tensor([[a["attrs"] == b["attrs"] for b in recs] for a in recs])
+    scores = torch.tensor([[-1.0 if a["attrs"]["color"] != b["attrs"]["color"] else 1.0 for b in recs] for a in recs])
+    m = match_margins(scores, gt, recs, "caption")
+    assert m["color"] == pytest.approx(2.0) and m["direction"] == pytest.approx(0.0) and "shape" not in m
+
+
 def test_mlm_masking_rates_and_never_masked_tokens():
     torch.manual_seed(0)
     ids = torch.randint(5, 1000, (400, 40))
