@@ -158,6 +158,9 @@ def load_stage2_into(model, path, num_frames, rt):
     if ck.get("stage") == 3:
         if ck.get("lora") and not any("lora_" in k for k in model.state_dict()):
             add_lora(model.llm, **ck["lora"])
+        # the checkpoint's frame count (e.g. sub-stage 2's 4 before sub-stage 3's 8); the sub-stage loop
+        # then resizes the position table exactly as a run that did both sub-stages in one go
+        model.vision_encoder.set_num_frames(ck.get("model_config", {}).get("vision", {}).get("num_frames", num_frames))
         model.load_state_dict(ck["model"])
         print0(f"loaded the whole stage-3 model from {path}", rt=rt)
         return
@@ -233,6 +236,7 @@ def main(argv=None):
     results = {}
     for sub in subs:
         sub_dir = out_dir / f"substage{sub}"
+        torch.manual_seed(cfg.seed + 1000 * sub + rt.rank)   # its own stream: alone (--substage) = after the others
         model.vision_encoder.set_num_frames(cfg.frames[sub - 1])        # 4 -> 8 frames before sub-stage 3
         model.to(rt.device)
         scfg = SimpleNamespace(**{**asdict(cfg), "max_steps": cfg.steps[sub - 1]})

@@ -168,6 +168,12 @@ def test_short_run_lowers_the_loss_and_chat_answers(toyworld, toy_pretrained, tm
         assert m[f"substage{sub}_loss_last"] < m[f"substage{sub}_loss_first"], (sub, m)
     for key in ("qa_acc", "qa_chance", "caption_acc", "caption_chance", "qa_acc_color", "qa_chance_color"):
         assert 0.0 <= m[key] <= 1.0, key
+    # every sub-stage has its own random stream: sub-stage 3 alone from sub-stage 2's checkpoint = the same run
+    alone = main([f"--data={toyworld}", f"--out_dir={tmp_path / 'alone'}", f"--qformer_bert={toy_pretrained['bert']}",
+                  f"--llm_ckpt={toy_pretrained['llm']}", "--steps=(15,15,15)", "--frames=(2,2,4)", "--max_llm_len=64",
+                  "--batch_size=8", "--substage=3", f"--init_from={tmp_path / 'substage2' / 'ckpt.pt'}", "--eval=False"])
+    for key in ("substage3_loss_first", "substage3_loss_last"):
+        assert alone[key] == pytest.approx(m[key], rel=1e-5), key
     import chat
     answer = chat.main([f"--ckpt={tmp_path / 'ckpt.pt'}", f"--video={toyworld / 'videos' / 'val_00000.webp'}",
                         "--question=what color is the object?", "--max_new_tokens=4"])
