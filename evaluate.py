@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from common import gather_objects
-from data import ATTRIBUTES, eval_loader
+from data import ATTRIBUTES, CAPTION_ATTRS, eval_loader
 
 
 @torch.no_grad()
@@ -133,7 +133,6 @@ def match_margins(scores, gt, records, caption_key):
     the query in that attribute alone. > 0: the matching head tells that attribute apart; about 0: it
     cannot, and re-ranking shuffles such candidates with the true clip. scores: re-ranked (queries,
     gallery) with -100 outside the top k; gt as for recall_at_k. {} without attributes."""
-    from data import CAPTION_ATTRS
     attrs = CAPTION_ATTRS.get(caption_key, ())
     if not attrs or not all("attrs" in r for r in records):
         return {}
@@ -197,33 +196,32 @@ def evaluate_stage2(model, tok, cfg, vcfg, acfg, rt):
     gt = _gt(recs, "caption")
     out.update(retrieval("t2v", sim, gt))
 
-    def score(ti, vi):                                         # (text, video) pairs -> "match" logit
-        with rt.autocast():
-            logits = model.match_logits(f["states_caption"][ti].to(dev), f["mask_caption"][ti].to(dev),
-                                        f["v_mem"][vi].to(dev))
-        return logits[:, 1]
-    t2v = rerank(sim, cfg.rerank_k, lambda i, top: score(torch.full_like(top, i), top), rt)
-    v2t = rerank(sim.t(), cfg.rerank_k, lambda j, top: score(top, torch.full_like(top, j)), rt)
-    for name, s, g in (("t2v", t2v, gt), ("v2t", v2t, gt.t())):
-        out.update({f"{name}_r{k}_rerank": v for k, v in recall_at_k(s, g).items()})
-    out.update({f"t2v_vtm_margin_{a}": v for a, v in match_margins(t2v, gt, recs, "caption").items()})
+    def reranked(name, sim, gt, key, memory, head):
+        """VTM re-ranking both ways (FACTS 5.1): (text, gallery) pairs scored by the raw `head` logit
+        over memory(gallery indices); recalls and, on ToyWorld, the head's per-attribute margins."""
+        def score(ti, gi):
+            with rt.autocast():
+                logits = model.match_logits(f[f"states_{key}"][ti].to(dev), f[f"mask_{key}"][ti].to(dev),
+                                            memory(gi).to(dev), head=head)
+            return logits[:, 1]
+        q2g = rerank(sim, cfg.rerank_k, lambda i, top: score(torch.full_like(top, i), top), rt)
+        g2q = rerank(sim.t(), cfg.rerank_k, lambda j, top: score(top, torch.full_like(top, j)), rt)
+        a, b = name.split("2")
+        for n, s, g in ((name, q2g, gt), (f"{b}2{a}", g2q, gt.t())):
+            out.update({f"{n}_r{k}_rerank": v for k, v in recall_at_k(s, g).items()})
+        tag = "vtm" if head == "itm" else head
+        out.update({f"{name}_{tag}_margin_{attr}": v for attr, v in match_margins(q2g, gt, recs, key).items()})
+
+    reranked("t2v", sim, gt, "caption", lambda vi: f["v_mem"][vi], "itm")
 
     if acfg:                                                                    # text <-> audio, audio+video
         out.update(retrieval("t2a", norm(f["emb_audio_caption"]) @ norm(f["a_emb"]).t(), _gt(recs, "audio_caption")))
         sim_av, gt_av = norm(f["emb_avs_caption"]) @ norm(f["av_emb"]).t(), _gt(recs, "avs_caption")
         out.update(retrieval("t2av", sim_av, gt_av))
 
-        def score_av(ti, vi):                 # AVTM on the audio + projected-vision memory (FACTS 5.1)
-            with rt.autocast():
-                memory = torch.cat([f["a_mem"][vi], f["v_mem"][vi]], dim=1).to(dev)
-                logits = model.match_logits(f["states_avs_caption"][ti].to(dev), f["mask_avs_caption"][ti].to(dev),
-                                            memory, head="avtm")
-            return logits[:, 1]
-        t2av = rerank(sim_av, cfg.rerank_k, lambda i, top: score_av(torch.full_like(top, i), top), rt)
-        av2t = rerank(sim_av.t(), cfg.rerank_k, lambda j, top: score_av(top, torch.full_like(top, j)), rt)
-        for name, s, g in (("t2av", t2av, gt_av), ("av2t", av2t, gt_av.t())):
-            out.update({f"{name}_r{k}_rerank": v for k, v in recall_at_k(s, g).items()})
-        out.update({f"t2av_avtm_margin_{a}": v for a, v in match_margins(t2av, gt_av, recs, "avs_caption").items()})
+        # AVTM on the audio + projected-vision memory (FACTS 5.1)
+        reranked("t2av", sim_av, gt_av, "avs_caption", lambda vi: torch.cat([f["a_mem"][vi], f["v_mem"][vi]], dim=1),
+                 "avtm")
 
     if all("attrs" in r for r in recs):                                         # zero-shot motion classes
         classes = [f"{d} {s}" for d in DIRECTIONS for s in SPEEDS]
