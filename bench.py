@@ -1,7 +1,8 @@
 """bench.py: how fast each stage trains, and whether the data loader keeps up.
 
 N optimizer steps on random inputs through a stage's real models, teachers, masking and losses (the
-training scripts' own loss functions and train_step), then a one-line report: step time (median),
+objective functions the stage scripts train, losses.stage*_objective, through common.train_step),
+then a one-line report: step time (median),
 clips/s, MFU, peak memory, and the time of each part of the step. `--stage=loader` instead measures
 how many clips/s the DataLoader decodes and augments per worker.
 
@@ -178,19 +179,19 @@ def peak_flops(device):
 # one stage's model, optimizer, loss and random batch
 
 def build_stage1(cfg, rt, parts):
+    from losses import stage1_objective
     from model import InternVideo2, vision_preset
     from teachers import build_teachers
-    from train_stage1 import Stage1Config, stage1_loss_fn
     vcfg = vision_preset(cfg.preset, num_frames=cfg.num_frames, **({"img_size": cfg.img_size} if cfg.img_size else {}))
     with torch.device(rt.device):                         # built on the device: 7B parameters init in seconds
         teachers = build_teachers(cfg.clip_teacher, cfg.mae_teacher)
         student = InternVideo2(vcfg, with_heads=True)
     teachers.to(rt.device, frozen_dtype(cfg, rt))
     student.grad_ckpt_blocks = cfg.grad_ckpt_blocks
-    s1 = Stage1Config(mask_ratio=cfg.mask_ratio)
     optimizer = build_optimizer(student, 1e-4, 0.05, (0.9, 0.98), 1e-6, student.no_weight_decay(), rt.device.type)
     timed_teachers = parts.wrap(teachers, "teachers forward")
-    model = WithLoss(student, stage1_loss_fn(timed_teachers, s1, rt))
+    model = WithLoss(student, lambda student, batch: stage1_objective(student, timed_teachers, batch,
+                                                                      mask_ratio=cfg.mask_ratio))
     T, Np = vcfg.grid[0], vcfg.grid[1] * vcfg.grid[2]
 
     def batch(B):
@@ -202,44 +203,40 @@ def build_stage1(cfg, rt, parts):
 
 
 def build_stage2(cfg, rt, parts):
+    """The official stage-2 step: stage2_objective's defaults (VTC, VTM, MLM, + AVTC, AVTM, AVMLM with
+    audio; one caption type) on Stage2Model's official widths."""
+    from losses import stage2_objective
     from model import Stage2Model, audio_preset, text_preset, vision_preset
-    from train_stage2 import AUDIO_LOSSES, Stage2Config, stage2_loss_fn
-    s2 = Stage2Config(preset=cfg.preset, text=cfg.text, audio=cfg.audio, mask_ratio=cfg.mask_ratio,
-                      max_text_len=cfg.text_len, num_frames=cfg.num_frames)
-    s2.validate()
     vcfg = vision_preset(cfg.preset, num_frames=cfg.num_frames, **({"img_size": cfg.img_size} if cfg.img_size else {}))
     tcfg = text_preset(cfg.text, **({"vocab_size": 1000} if cfg.text == "toy" else {}))
     acfg = None if cfg.audio == "none" else audio_preset(cfg.audio)
     with torch.device(rt.device):
-        model = Stage2Model(vcfg, tcfg, acfg, s2.embed_dim, s2.av_dim)
+        model = Stage2Model(vcfg, tcfg, acfg)
     if acfg:
         store_frozen(model.audio_encoder.requires_grad_(False), frozen_dtype(cfg, rt))
     model.vision_encoder.grad_ckpt_blocks = cfg.grad_ckpt_blocks
     optimizer = build_optimizer(model, 5e-5, 0.05, (0.9, 0.98), 1e-8, model.no_weight_decay(), rt.device.type)
     tok = SimpleNamespace(mask_id=4, cls_id=2)           # the only ids the masked LM needs
-    wrapped = WithLoss(model, stage2_loss_fn(s2, rt, tok))
+    wrapped = WithLoss(model, lambda model, batch: stage2_objective(model, batch, tok=tok, mask_ratio=cfg.mask_ratio))
     T, Np = vcfg.grid[0], vcfg.grid[1] * vcfg.grid[2]
-    keys = {s2.caption_of[name] for name in s2.weights()}
-    with_audio = acfg is not None and any(n in AUDIO_LOSSES for n in s2.weights())
 
     def batch(B):
-        S, L, dev = vcfg.img_size, s2.max_text_len, rt.device
+        S, L, dev = vcfg.img_size, cfg.text_len, rt.device
+        ids = torch.randint(5, tcfg.vocab_size, (B, L), device=dev)   # full-length captions: the worst case
+        ids[:, 0] = 2
         out = {"video": torch.randn(B, 3, cfg.num_frames, S, S, device=dev),
-               "mask_noise": torch.rand(B, T, Np, device=dev)}
-        for k in keys:                                    # full-length captions: the worst case
-            ids = torch.randint(5, tcfg.vocab_size, (B, L), device=dev)
-            ids[:, 0] = 2
-            out.update({f"ids_{k}": ids, f"mask_{k}": torch.ones(B, L, dtype=torch.long, device=dev),
-                        f"pos_{k}": torch.arange(B, device=dev)})
-        if with_audio:
+               "mask_noise": torch.rand(B, T, Np, device=dev), "ids_caption": ids,
+               "mask_caption": torch.ones(B, L, dtype=torch.long, device=dev),
+               "pos_caption": torch.arange(B, device=dev)}
+        if acfg:
             out["fbank"] = torch.randn(B, acfg.frames, acfg.mel_bins, device=dev)
         return out
     return wrapped, optimizer, batch, {}, {"model": model}, [model]
 
 
 def build_stage3(cfg, rt, parts):
+    from losses import stage3_objective
     from model import LLM_PRESETS, QFORMER_PRESETS, Stage3Model, add_lora, vision_preset
-    from train_stage3 import Stage3Config, set_trainable, substage_loss_fn
     vcfg = vision_preset(cfg.preset, num_frames=cfg.num_frames, **({"img_size": cfg.img_size} if cfg.img_size else {}))
     qcfg = replace(QFORMER_PRESETS[cfg.qformer], **({"vocab_size": 1000} if cfg.qformer == "toy" else {}))
     lcfg = replace(LLM_PRESETS[cfg.llm], **({"vocab_size": 1000} if cfg.llm == "toy" else {}))
@@ -247,16 +244,14 @@ def build_stage3(cfg, rt, parts):
         model = Stage3Model(vcfg, qcfg, lcfg)
         if cfg.substage == 3:
             add_lora(model.llm)
-    set_trainable(model, cfg.substage)
+    model.set_trainable(cfg.substage)
     store_frozen(model.llm, frozen_dtype(cfg, rt))
     model.vision_encoder.grad_ckpt_blocks = cfg.grad_ckpt_blocks
     optimizer = build_optimizer(model, 1e-4, 0.02, (0.9, 0.999), 1e-8, {"temp"}, rt.device.type)
-    s3 = Stage3Config(preset=cfg.preset, qformer=cfg.qformer, llm=cfg.llm)
-    s3.validate()
     video_at, n_visual = 6, qcfg.num_query + qcfg.extra_query   # slots after "<s> [INST] <Video>"
-    wrapped = WithLoss(model, substage_loss_fn(cfg.substage, s3, rt, video_at))
+    wrapped = WithLoss(model, lambda model, batch: stage3_objective(model, batch, substage=cfg.substage,
+                                                                    video_at=video_at))
     check(cfg.llm_len > video_at + n_visual + 8, f"--llm_len must exceed the {n_visual} visual slots")
-
     def batch(B):
         S, L, dev = vcfg.img_size, cfg.llm_len, rt.device
         ids = torch.randint(5, lcfg.vocab_size, (B, L), device=dev)

@@ -107,6 +107,15 @@ def check(ok, msg):
         raise ConfigError(msg)
 
 
+def by_preset(cfg, table, column):
+    """Resolve the settings whose default depends on the preset: every field named in `table` that
+    still holds its dataclass default (the "by preset" marker, -1, 0 or ()) becomes
+    table[field][column], so the saved and logged config holds the values the run used."""
+    for f in fields(cfg):
+        if f.name in table and getattr(cfg, f.name) == f.default:
+            setattr(cfg, f.name, table[f.name][column])
+
+
 # ------------------------------------------------------------------------------------------------
 # runtime: device, precision, distributed
 
@@ -320,17 +329,25 @@ class WithLoss(torch.nn.Module):
         return self.fn(self.model, batch)
 
 
+def to_device(x, device):
+    """A batch (dict) with every tensor on `device`, non-blocking from pinned memory; the rest as is."""
+    if isinstance(x, dict):
+        return {k: to_device(v, device) for k, v in x.items()}
+    return x.to(device, non_blocking=True) if isinstance(x, torch.Tensor) else x
+
+
 def train_step(model, micro_batches, optimizer, rt, scaler=None, grad_clip=0.0):
     """Forward/backward every micro-batch (DDP gradient sync only on the last one: `no_sync` covers
     forward AND backward), then a NaN/inf guard agreed by all ranks, unscale, clip, step.
 
-    model(batch) -> (loss, {name: tensor}) (a WithLoss, maybe under DDP). Returns (loss, parts,
-    grad_norm, ok) as floats; ok False means the step was skipped because some rank saw a
-    non-finite loss."""
+    model(batch) -> (loss, {name: tensor}) (a WithLoss, maybe under DDP), each batch moved to the
+    device first. Returns (loss, parts, grad_norm, ok) as floats; ok False means the step was
+    skipped because some rank saw a non-finite loss."""
     n = len(micro_batches)
     total = torch.zeros((), device=rt.device)
     parts = {}
     for i, batch in enumerate(micro_batches):
+        batch = to_device(batch, rt.device)
         with grad_sync(model, rt, i == n - 1):
             with rt.autocast():
                 loss, p = model(batch)

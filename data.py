@@ -851,49 +851,6 @@ def stage3_fields(llm_tok, bert_tok, substage, n_visual, max_llm_len, max_text_l
     return extra
 
 
-# ------------------------------------------------------------------------------------------------
-# stage-1 masking (FACTS 1.5). Every generator turns per-sample uniform noise (B, T', Np) into the
-# visible-token index (B, 1 + n_visible) that InternVideo2.forward_features takes: CLS (0) first,
-# then the kept patches in ascending order (token index = 1 + t * Np + p). Each frame keeps
-# Np - floor(ratio * Np) patches; with 256 patches and ratio 0.8 that is 52 (1 + 8 * 52 = 417 tokens).
-
-def _visible_from_keys(keys, ratio):
-    """keys: (B, T', Np), larger = keep. Keep the top n per frame; -> (B, 1 + T' * n) sorted."""
-    B, T, Np = keys.shape
-    n_vis = Np - int(ratio * Np)
-    keep = keys.topk(n_vis, dim=-1).indices.sort(-1).values               # (B, T', n)
-    keep = keep + torch.arange(T, device=keys.device)[None, :, None] * Np + 1
-    cls = torch.zeros(B, 1, dtype=keep.dtype, device=keep.device)
-    return torch.cat([cls, keep.flatten(1)], dim=1)
-
-
-def attention_mask(attn, noise, ratio=0.8):
-    """Attention-guided masking, the official stage-1 default (FACTS 1.5, 6.5): per frame, draw the
-    patch ordering by weighted sampling WITHOUT replacement with probabilities proportional to the
-    image teacher's pooling attention, and keep the first Np - floor(ratio * Np).
-
-    attn: (B*T' or B, T', Np) non-negative weights; noise: (B, T', Np) uniform in (0, 1).
-    The official calls torch.multinomial(attn, Np). We draw the same distribution with exponential
-    keys u^(1/w) (Efraimidis & Spirakis, 2006): the top-n keys are a weighted sample without
-    replacement. It needs no host sync, and the noise comes from the sample's own seed, so masks do
-    not depend on world size or workers. tests/test_stage1.py checks the first-pick probabilities."""
-    B, T, Np = noise.shape
-    w = attn.reshape(B, T, Np).float().clamp_min(1e-12)
-    keys = torch.log(noise.clamp_min(1e-12)) / w                           # log(u^(1/w)), monotone
-    return _visible_from_keys(keys, ratio)
-
-
-def tube_mask(noise, ratio=0.8):
-    """Tube masking: one random spatial mask shared by every frame (the official crashes, FACTS 1.5)."""
-    return _visible_from_keys(noise[:, :1].expand_as(noise), ratio)
-
-
-def random_mask(noise, ratio=0.8):
-    """Random masking over the whole clip, N - floor(ratio * N) visible (the official stage-2
-    generator, FACTS 2.2: 1024 patches at 0.8 -> 205 visible + CLS)."""
-    return _visible_from_keys(noise.flatten(1)[:, None], ratio)
-
-
 if __name__ == "__main__":
     import argparse
     p = argparse.ArgumentParser(description="Write ToyWorld in the real JSONL format.")

@@ -4,6 +4,7 @@
   linear_probe       multinomial logistic regression (L-BFGS) on frozen features, weight decay
                      picked on a split of the training features
   probe_attributes   a probe per ToyWorld attribute (shape, color, size, direction, speed)
+  evaluate_stage1    those probes on frozen features of the student, a random-init student, each teacher
   evaluate_stage2    zero-shot retrieval text<->video/audio/audio+video, VTM re-ranking of the top k,
                      zero-shot classification with prompt templates (FACTS 5.1, 5.2)
   evaluate_stage3    held-out QA accuracy per question type and caption accuracy, by generation
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from common import gather_objects
+from common import gather_objects, print0
 from data import ATTRIBUTES, CAPTION_ATTRS, eval_loader
 
 
@@ -80,6 +81,47 @@ def probe_attributes(feat_train, records_train, feat_val, records_val):
             continue
         out[attr] = linear_probe(feat_train, attribute_labels(records_train, attr), feat_val,
                                  attribute_labels(records_val, attr), len(classes))
+    return out
+
+
+@torch.no_grad()
+def evaluate_stage1(student, teachers, cfg, vcfg, rt):
+    """Linear probes per ToyWorld attribute on frozen clip features of the held-out split (FACTS-free:
+    ToyWorld's own protocol), for the trained student, a random-initialised student of the same
+    preset, and each teacher. Needs records with `attrs` (ToyWorld); returns {} otherwise."""
+    import time
+    from data import VideoTextDataset
+    from model import InternVideo2
+    kw = dict(img_size=vcfg.img_size, train=False, seed=cfg.seed)
+    sets = {s: VideoTextDataset(Path(cfg.data) / f"{s}.jsonl", 2 * cfg.num_frames, **kw) for s in ("train", "val")}
+    if not all("attrs" in r for r in sets["val"].records):
+        print0("no `attrs` in the held-out samples: skipping the linear probes", rt=rt)
+        return {}
+    torch.manual_seed(cfg.seed)
+    random_init = InternVideo2(vcfg).to(rt.device).eval()
+    student.eval()
+    dev = rt.device
+    feature_fns = {
+        "student": lambda b: student(b["video"].to(dev)[:, :, ::2]),
+        "random_init": lambda b: random_init(b["video"].to(dev)[:, :, ::2]),
+        "teacher_clip": lambda b: teachers.clip(b["video"].to(dev)[:, :, ::2])["clip_final"],
+        "teacher_mae": lambda b: teachers.mae.forward_features(b["video"].to(dev)).mean(1),
+    }
+    out, n_train = {}, min(cfg.probe_train_clips, len(sets["train"]))
+    recs_train, recs_val = sets["train"].records[:n_train], sets["val"].records
+    for name, fn in feature_fns.items():
+        t0 = time.time()
+        f_train = extract_features(fn, sets["train"], rt, limit=n_train)
+        f_val = extract_features(fn, sets["val"], rt)
+        accs = probe_attributes(f_train, recs_train, f_val, recs_val)
+        out[f"probe_acc_{name}"] = sum(accs.values()) / len(accs)
+        out.update({f"probe_{name}_{a}": v for a, v in accs.items()})
+        print0(f"probe {name:<13} mean {out[f'probe_acc_{name}']:.3f} | "
+               + " ".join(f"{a} {v:.3f}" for a, v in accs.items()) + f" | {time.time() - t0:.0f}s", rt=rt)
+    chance = {a: 1 / len(c) for a, c in ATTRIBUTES.items() if f"probe_student_{a}" in out}
+    out["probe_chance"] = sum(chance.values()) / len(chance)
+    out.update({f"probe_chance_{a}": v for a, v in chance.items()})
+    student.train()
     return out
 
 
@@ -179,7 +221,8 @@ def evaluate_stage2(model, tok, cfg, vcfg, acfg, rt):
             for key in keys:
                 ids, mask = batch[f"ids_{key}"].to(dev), batch[f"mask_{key}"].to(dev)
                 states, emb = model.encode_text(ids, mask)
-                row.update({f"states_{key}": states.float().cpu(), f"mask_{key}": mask.cpu(), f"emb_{key}": emb.float().cpu()})
+                row.update({f"states_{key}": states.float().cpu(), f"mask_{key}": mask.cpu(),
+                            f"emb_{key}": emb.float().cpu()})
             if acfg:
                 a_mem, a_emb = model.encode_audio(batch["fbank"].to(dev))
                 row.update(a_mem=a_mem.float().cpu(), a_emb=a_emb.float().cpu(),

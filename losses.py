@@ -1,6 +1,9 @@
-"""losses.py: every loss of nano-InternVideo2, each a small function that works with or without
-torch.distributed initialised.
+"""losses.py: each stage's objective and every loss term, as plain functions that work with or
+without torch.distributed initialised.
 
+  stage1_objective  student, teachers, batch -> (loss, parts): targets, mask, student, 2 - 2cos terms
+  stage2_objective  stage-2 model, batch -> (loss, parts): VTC/ATC/AVTC, VTM/AVTM, MLM/AVMLM
+  stage3_objective  stage-3 model, batch -> (loss, parts) of one sub-stage
   distill_loss / stage1_loss   stage 1: 2 - 2cos between L2-normalised student and teacher features
                                (FACTS 1.7), three weighted terms
   all_gather_with_grad         the one cross-rank gather: exact gradients (see its docstring)
@@ -9,10 +12,19 @@ torch.distributed initialised.
   matching_loss                matching with one hard negative per row from the local batch (VTM, AVTM)
   mlm_loss / captioning_loss   masked LM on the video (official), or the autoregressive alternative
   answer_loss                  stage 3: the LLM's next-token loss on answer tokens only
+
+Why objectives here and not a `forward` of each stage's model: stage 1's teachers must stay outside
+the student's module tree (never in its optimizer, DDP wrapper or checkpoint), so a stage-1 step is
+not one module's forward; a function of (networks, batch, settings) reads the same in all three
+stages, and the stage scripts, bench.py, the tests and a notebook all call that very function.
+The scripts wrap it as `common.WithLoss(model, fn)` only because DDP needs a module. A batch is a
+dict of tensors already on the networks' device (common.train_step moves it).
 """
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
+from model import gather_tokens, make_mask, patch_index, random_mask
 
 
 # ------------------------------------------------------------------------------------------------
@@ -36,6 +48,25 @@ def stage1_loss(student, targets, w_clip=1.0, w_clip_final=1.0, w_mae=1.0):
             parts[key] = distill_loss(student[key], targets[key])
             total = total + w * parts[key]
     return total, parts
+
+
+def stage1_objective(student, teachers, batch, *, mask_type="attention", mask_ratio=0.8, w_clip=1.0,
+                     w_clip_final=1.0, w_mae=1.0):
+    """One stage-1 step's loss (FACTS 1.5, 1.6, 1.9): the frozen teachers read the whole clip, the
+    mask picks the tokens the student sees, the student runs on those alone, and the teachers'
+    targets are gathered at the same slots.
+
+    student: InternVideo2 built with_heads; teachers: teachers.Teachers (or any callable giving the
+    same dict); batch: video (B, 3, 2T, H, W), mask_noise (B, T', Np). The video teacher reads all
+    2T frames, the image teacher and the student the T even ones. Returns (loss, {term: value})."""
+    video = batch["video"]
+    target = teachers(video)                                   # no grad; every feature L2-normalised
+    visible = make_mask(mask_type, batch["mask_noise"], mask_ratio, target["attn"])       # (B, 1 + Nv)
+    out = student.forward_distill(video[:, :, ::2], visible)
+    target = {"clip": gather_tokens(target["clip"], visible),             # (Kc, B, 1 + Nv, Dc), CLS too
+              "clip_final": target["clip_final"],                         # (B, Dcf)
+              "mae": gather_tokens(target["mae"], patch_index(visible))}  # (Km, B, Nv, Dm): no CLS
+    return stage1_loss(out, target, w_clip, w_clip_final, w_mae)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -138,9 +169,11 @@ def matching_loss(match_fn, text_states, pad_mask, memory, v_emb, t_emb, temp, i
         neg_t, ok_t = hard_negatives(sim, ids)              # a negative text for every video
         neg_v, ok_v = hard_negatives(sim.t(), ids)          # a negative video for every text
     keep = torch.cat([torch.ones(B, dtype=torch.bool, device=ok_t.device), ok_t, ok_v])
-    states = torch.cat([text_states, text_states[neg_t], text_states])
-    masks = torch.cat([pad_mask, pad_mask[neg_t], pad_mask])
-    mems = torch.cat([memory, memory, memory[neg_v]])
+    # index_select, not x[idx]: the backward of advanced indexing accumulates repeated indices in a
+    # thread-dependent order on CPUs, which made stage 2 differ from run to run (by ~1e-5 after 10 steps)
+    states = torch.cat([text_states, text_states.index_select(0, neg_t), text_states])
+    masks = torch.cat([pad_mask, pad_mask.index_select(0, neg_t), pad_mask])
+    mems = torch.cat([memory, memory, memory.index_select(0, neg_v)])
     labels = torch.cat([torch.ones(B), torch.zeros(2 * B)]).long().to(v_emb.device)
     logits = match_fn(states[keep], masks[keep], mems[keep])
     return F.cross_entropy(logits.float(), labels[keep])
@@ -189,6 +222,64 @@ def captioning_loss(text_encoder, ids, pad_mask, memory):
     return next_token_loss(text_encoder.mlm_logits(h), ids, pad_mask)
 
 
+STAGE2_LOSSES = ("vtc", "vtm", "mlm", "atc", "avtc", "avtm", "avmlm")
+AUDIO_LOSSES = ("atc", "avtc", "avtm", "avmlm")
+
+
+def stage2_objective(model, batch, *, tok, weights=None, captions=None, mask_ratio=0.8, mlm_prob=0.5,
+                     mlm_mode="mlm"):
+    """One stage-2 step's loss (FACTS 2.6). Every term reads the same randomly masked video (FACTS
+    6.12); the text tower runs once per caption type in use; the temperature is clamped first.
+
+    model: Stage2Model; batch: video (B, 3, T, H, W), mask_noise (B, T', Np), ids_<key>, mask_<key>
+    and pos_<key> (multi-positive sample ids) for every caption key in use, fbank (B, frames, mel)
+    with audio terms; tok: anything with the tokenizer's mask_id and cls_id (masked LM).
+    weights: {term: weight} over STAGE2_LOSSES; None = the official recipe: vtc, vtm, mlm, and with
+    an audio encoder avtc, avtm, avmlm, all 1 (FACTS 2.6). captions: {term: caption key}; a term it
+    does not name reads "caption". mlm_mode: "mlm" (official) or "causal" (captioning).
+    Returns (loss, {term: value})."""
+    if weights is None:
+        weights = dict.fromkeys(("vtc", "vtm", "mlm") + (("avtc", "avtm", "avmlm") if model.has_audio else ()), 1.0)
+    unknown = sorted(set(weights) - set(STAGE2_LOSSES))
+    if unknown:
+        raise ValueError(f"unknown stage-2 loss(es) {unknown}; the terms are {list(STAGE2_LOSSES)}")
+    if not model.has_audio and set(weights) & set(AUDIO_LOSSES):
+        raise ValueError(f"the audio losses {sorted(set(weights) & set(AUDIO_LOSSES))} need a model with audio")
+    if mlm_mode not in ("mlm", "causal"):
+        raise ValueError(f"mlm_mode must be mlm or causal, got {mlm_mode!r}")
+    weights = {k: w for k, w in weights.items() if w}
+    captions = {name: (captions or {}).get(name, "caption") for name in weights}
+    with torch.no_grad():
+        model.temp.clamp_(0.001, 0.5)
+    temp = model.temp
+    visible = random_mask(batch["mask_noise"], mask_ratio)
+    v_mem, v_emb = model.encode_video(batch["video"], visible)            # (B, 1 + Nv, Dm), (B, E)
+    texts = {}
+    for key in dict.fromkeys(captions.values()):           # each caption type once, in a fixed order
+        ids, mask = batch[f"ids_{key}"], batch[f"mask_{key}"]
+        texts[key] = (ids, mask, *model.encode_text(ids, mask))             # ids, mask, states, embedding
+    a_emb = av_emb = av_mem = None
+    if any(name in AUDIO_LOSSES for name in weights):                     # once per step, for every term
+        a_mem, a_emb = model.encode_audio(batch["fbank"])                 # (B, Na, Dm), (B, E)
+        av_mem, av_emb = torch.cat([a_mem, v_mem], 1), model.fuse_av(a_emb, v_emb)
+    parts = {}
+    for name in weights:
+        t_ids, t_mask, t_states, t_emb = texts[captions[name]]
+        ids = batch[f"pos_{captions[name]}"]                               # multi-positive sample ids
+        if name in ("vtc", "atc", "avtc"):
+            x = {"vtc": v_emb, "atc": a_emb, "avtc": av_emb}[name]
+            parts[name] = contrastive_loss(F.normalize(x, dim=-1), F.normalize(t_emb, dim=-1), temp, ids)
+        elif name in ("vtm", "avtm"):
+            mem, x, head = (v_mem, v_emb, "itm") if name == "vtm" else (av_mem, av_emb, "avtm")
+            match = lambda s, m, mm, head=head: model.match_logits(s, m, mm, head)
+            parts[name] = matching_loss(match, t_states, t_mask, mem, x, t_emb, temp, ids)
+        else:                                                              # mlm / avmlm
+            mem = v_mem if name == "mlm" else av_mem
+            parts[name] = (mlm_loss(model.text_encoder, t_ids, t_mask, mem, tok, mlm_prob)
+                           if mlm_mode == "mlm" else captioning_loss(model.text_encoder, t_ids, t_mask, mem))
+    return sum(weights[k] * v for k, v in parts.items()), parts
+
+
 # ------------------------------------------------------------------------------------------------
 # stage 3 (FACTS 3)
 
@@ -196,3 +287,33 @@ def answer_loss(logits, labels):
     """The LLM's next-token loss on answer tokens only: labels are -100 everywhere else (the system
     text, the instruction, the visual slots, padding). logits (B, L, V), labels (B, L)."""
     return token_cross_entropy(logits[:, :-1], labels[:, 1:])
+
+
+def stage3_objective(model, batch, *, substage, video_at, qformer_text_input=True):
+    """One stage-3 step's loss for sub-stage 1, 2 or 3 (FACTS 3). model: Stage3Model; batch: video
+    (B, 3, T, H, W) and, for sub-stage 1, ids_caption / mask_caption / pos_caption (Q-Former text),
+    for 2-3 llm_ids / llm_mask / llm_labels (the chat, data.build_chat) and qf_ids / qf_mask (the
+    instruction the Q-Former reads when qformer_text_input). video_at: the first visual slot.
+    Sub-stage 1 (BLIP-2's alignment, video encoder frozen): query-caption contrastive (the best query
+    counts), matching with hard negatives, Q-Former captioning. Sub-stages 2-3: the LLM's next-token
+    loss on the answer tokens. Returns (loss, {term: value})."""
+    video = batch["video"]
+    with torch.set_grad_enabled(substage >= 2 and torch.is_grad_enabled()):
+        tokens = model.video_tokens(video)                              # frozen in sub-stage 1
+    if substage == 1:
+        with torch.no_grad():
+            model.temp.clamp_(0.001, 0.5)
+        ids, mask, sid = batch["ids_caption"], batch["mask_caption"], batch["pos_caption"]
+        q, _ = model.qformer(tokens, mode="query")
+        v_emb = model.vision_proj(q)                                    # (B, Q, E): one per query
+        t_emb = model.text_proj(model.qformer(None, ids, mask, mode="text")[1][:, 0])
+        vtc = contrastive_loss(F.normalize(v_emb, dim=-1), F.normalize(t_emb, dim=-1), model.temp, sid)
+        match = lambda i, m, vid: model.itm_head(model.qformer(vid, i, m, mode="joint")[0]).mean(1)
+        vtm = matching_loss(match, ids, mask, tokens, v_emb, t_emb, model.temp, sid)
+        cap = next_token_loss(model.qformer.lm_logits(model.qformer(tokens, ids, mask, mode="caption")[1]), ids, mask)
+        return vtc + vtm + cap, {"vtc": vtc, "vtm": vtm, "cap": cap}
+    instr = (batch["qf_ids"], batch["qf_mask"]) if qformer_text_input else (None, None)
+    visual = model.visual_embeds(tokens, *instr)                        # (B, Q, llm dim)
+    logits, _ = model.llm(model.chat_embeds(batch["llm_ids"], visual, video_at), batch["llm_mask"])
+    loss = answer_loss(logits, batch["llm_labels"])
+    return loss, {"answer": loss}

@@ -49,10 +49,10 @@ class VisionConfig:
     patch_size: int = 14
     num_frames: int = 8            # frames the network sees (student: 8 in stage 1, FACTS 1.3)
     tubelet_size: int = 1          # frames per Conv3d patch (student 1, VideoMAE teacher 2)
-    embed_dim: int = 1408
+    dim: int = 1408                # width
     depth: int = 40
-    num_heads: int = 16
-    mlp_ratio: float = 48 / 11     # hidden = int(dim * ratio): 6144 for 1B (FACTS 1.1)
+    heads: int = 16
+    mlp_dim: int = 6144            # MLP width: int(1408 * 48 / 11) for 1B (FACTS 1.1)
     qkv_bias: str = "none"         # "none" (InternVideo2, InternViT) | "qv" (VideoMAE: q and v only)
     qk_norm: bool = True           # RMSNorm over the full width on q and k (FACTS 6.1)
     norm: str = "rms"              # "rms" (eps 1e-6) | "ln" (VideoMAE, eps 1e-6)
@@ -83,9 +83,9 @@ class VisionConfig:
         checks = [
             (self.img_size % self.patch_size == 0, "img_size must be a multiple of patch_size"),
             (self.num_frames % self.tubelet_size == 0, "num_frames must be a multiple of tubelet_size"),
-            (self.embed_dim % self.num_heads == 0, "embed_dim must be divisible by num_heads"),
-            (self.embed_dim % self.pool_heads == 0, "embed_dim must be divisible by pool_heads"),
-            (self.embed_dim % 16 == 0, "embed_dim must be a multiple of 16 (3-D sin-cos table)"),
+            (self.dim % self.heads == 0, "dim must be divisible by heads"),
+            (self.dim % self.pool_heads == 0, "dim must be divisible by pool_heads"),
+            (self.dim % 16 == 0, "dim must be a multiple of 16 (3-D sin-cos table)"),
             (self.qkv_bias in ("none", "qv"), "qkv_bias must be 'none' or 'qv'"),
             (self.norm in ("rms", "ln"), "norm must be 'rms' or 'ln'"),
             (self.act in ("gelu", "gelu_tanh"), "act must be 'gelu' or 'gelu_tanh'"),
@@ -103,15 +103,15 @@ class VisionConfig:
 # The 6B's drop path is 0.3 (FACTS 1.8). The toy preset is sized for a 2-core CPU (ToyWorld: 32 px,
 # 8 px patches, 16 patches per frame) and its heads match the toy teachers in teachers.py.
 VISION_PRESETS = {
-    "toy": VisionConfig(img_size=32, patch_size=8, embed_dim=96, depth=4, num_heads=4, mlp_ratio=4.0,
+    "toy": VisionConfig(img_size=32, patch_size=8, dim=96, depth=4, heads=4, mlp_dim=384,
                         drop_path=0.0, pool_heads=4, pool_dim=96, clip_teacher_dim=96,
                         clip_teacher_final_dim=96, clip_return_layers=2, mae_teacher_dim=96,
                         mae_return_layers=2),
-    "S": VisionConfig(embed_dim=384, depth=12, num_heads=6, mlp_ratio=4.0, drop_path=0.1),
-    "B": VisionConfig(embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0, drop_path=0.1),
-    "L": VisionConfig(embed_dim=1024, depth=24, num_heads=16, mlp_ratio=4.0, drop_path=0.2),
+    "S": VisionConfig(dim=384, depth=12, heads=6, mlp_dim=1536, drop_path=0.1),
+    "B": VisionConfig(dim=768, depth=12, heads=12, mlp_dim=3072, drop_path=0.1),
+    "L": VisionConfig(dim=1024, depth=24, heads=16, mlp_dim=4096, drop_path=0.2),
     "1B": VisionConfig(),
-    "6B": VisionConfig(embed_dim=3200, depth=48, num_heads=25, mlp_ratio=4.0, drop_path=0.3),
+    "6B": VisionConfig(dim=3200, depth=48, heads=25, mlp_dim=12800, drop_path=0.3),
 }
 
 
@@ -185,9 +185,9 @@ class Attention(nn.Module):
     """Self-attention of the ViT family: one fused qkv Linear, optional q/v biases (VideoMAE),
     optional qk-norm over the full width (InternVideo2, InternViT; FACTS 6.1), output proj."""
 
-    def __init__(self, dim, num_heads, qkv_bias="none", qk_norm=False, norm="rms"):
+    def __init__(self, dim, heads, qkv_bias="none", qk_norm=False, norm="rms"):
         super().__init__()
-        self.num_heads = num_heads
+        self.heads = heads
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)   # rows are [q; k; v] (FACTS 4.1)
         if qkv_bias == "qv":                             # VideoMAE: k has no bias (FACTS 1.4)
             self.q_bias = nn.Parameter(torch.zeros(dim))
@@ -202,7 +202,7 @@ class Attention(nn.Module):
             bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
         q, k, v = F.linear(x, self.qkv.weight, bias).chunk(3, dim=-1)  # 3 x (B, N, D)
         q, k = self.q_norm(q), self.k_norm(k)            # normalised with all heads concatenated
-        h = self.num_heads
+        h = self.heads
         y = attend(split_heads(q, h), split_heads(k, h), split_heads(v, h))
         return self.proj(merge_heads(y))
 
@@ -252,13 +252,13 @@ class Block(nn.Module):
 
     def __init__(self, cfg: VisionConfig, drop_path=0.0):
         super().__init__()
-        d = cfg.embed_dim
+        d = cfg.dim
         self.norm1 = make_norm(cfg.norm, d)
-        self.attn = Attention(d, cfg.num_heads, cfg.qkv_bias, cfg.qk_norm, cfg.norm)
+        self.attn = Attention(d, cfg.heads, cfg.qkv_bias, cfg.qk_norm, cfg.norm)
         self.ls1 = LayerScale(d, cfg.layerscale) if cfg.layerscale else nn.Identity()
         self.drop_path1 = DropPath(drop_path)
         self.norm2 = make_norm(cfg.norm, d)
-        self.mlp = Mlp(d, int(d * cfg.mlp_ratio), cfg.act)
+        self.mlp = Mlp(d, cfg.mlp_dim, cfg.act)
         self.ls2 = LayerScale(d, cfg.layerscale) if cfg.layerscale else nn.Identity()
         self.drop_path2 = DropPath(drop_path)
 
@@ -273,7 +273,7 @@ class PatchEmbed(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         t, p = cfg.tubelet_size, cfg.patch_size
-        self.proj = nn.Conv3d(3, cfg.embed_dim, kernel_size=(t, p, p), stride=(t, p, p))
+        self.proj = nn.Conv3d(3, cfg.dim, kernel_size=(t, p, p), stride=(t, p, p))
 
     def forward(self, x):
         return self.proj(x).flatten(3).permute(0, 2, 3, 1)   # (B, D, T', H', W') -> (B, T', H'W', D)
@@ -283,15 +283,15 @@ class PoolCrossAttention(nn.Module):
     """The pooling block's attention: bias-free q/k/v Linears with separate bias vectors, as the
     official keys (`cross_attn.q.weight`, `cross_attn.q_bias`, ...), and a projection to out_dim."""
 
-    def __init__(self, dim, num_heads, out_dim):
+    def __init__(self, dim, heads, out_dim):
         super().__init__()
-        self.num_heads = num_heads
+        self.heads = heads
         self.q, self.k, self.v = (nn.Linear(dim, dim, bias=False) for _ in range(3))
         self.q_bias, self.k_bias, self.v_bias = (nn.Parameter(torch.zeros(dim)) for _ in range(3))
         self.proj = nn.Linear(dim, out_dim)
 
     def forward(self, xq, xk, xv, need_weights=False):  # xq: (B, 1, D); xk, xv: (B, N, D)
-        h = self.num_heads
+        h = self.heads
         q = split_heads(F.linear(xq, self.q.weight, self.q_bias), h)
         k = split_heads(F.linear(xk, self.k.weight, self.k_bias), h)
         v = split_heads(F.linear(xv, self.v.weight, self.v_bias), h)
@@ -305,10 +305,10 @@ class AttentionPool(nn.Module):
     q, k and v (eps 1e-5), cross-attends to the tokens; no residual, no MLP (FACTS 1.2, 6.4).
     (B, N, D) -> (B, out_dim), and optionally the query's head-averaged attention (B, N)."""
 
-    def __init__(self, dim, num_heads, out_dim):
+    def __init__(self, dim, heads, out_dim):
         super().__init__()
         self.norm1_q, self.norm1_k, self.norm1_v = (nn.LayerNorm(dim, eps=1e-5) for _ in range(3))
-        self.cross_attn = PoolCrossAttention(dim, num_heads, out_dim)
+        self.cross_attn = PoolCrossAttention(dim, heads, out_dim)
 
     def forward(self, x, need_weights=False):
         q = self.norm1_q(x.mean(1, keepdim=True))
@@ -403,6 +403,68 @@ def interpolate_pos_embed_time(pos, t_old, t_new, cls_token=True):
 
 
 # ------------------------------------------------------------------------------------------------
+# the token layout and the masks (FACTS 1.5). The encoder's tokens are CLS at index 0, then patch
+# (t, p) at 1 + t * Np + p: (t, h, w) order, Np patches per frame. A mask is the sorted index of the
+# tokens the student sees, visible (B, 1 + n): CLS first, then the kept patches in ascending order.
+# Every generator turns per-sample uniform noise (B, T', Np) into that index, keeping
+# Np - floor(ratio * Np) patches per frame: 52 of 256 at 0.8 (1 + 8 * 52 = 417 tokens).
+
+def _visible_from_keys(keys, ratio):
+    """keys: (B, T', Np), larger = keep. Keep the top n per frame; -> (B, 1 + T' * n) sorted."""
+    B, T, Np = keys.shape
+    n_vis = Np - int(ratio * Np)
+    keep = keys.topk(n_vis, dim=-1).indices.sort(-1).values               # (B, T', n)
+    keep = keep + torch.arange(T, device=keys.device)[None, :, None] * Np + 1
+    cls = torch.zeros(B, 1, dtype=keep.dtype, device=keep.device)
+    return torch.cat([cls, keep.flatten(1)], dim=1)
+
+
+def attention_mask(attn, noise, ratio=0.8):
+    """Attention-guided masking, the official stage-1 default (FACTS 1.5, 6.5): per frame, order the
+    patches by weighted sampling WITHOUT replacement with probabilities proportional to the image
+    teacher's pooling attention, and keep the first Np - floor(ratio * Np).
+
+    attn: (B*T' or B, T', Np) non-negative weights; noise: (B, T', Np) uniform in (0, 1).
+    The official calls torch.multinomial(attn, Np). The same distribution comes from exponential
+    keys u^(1/w) (Efraimidis & Spirakis, 2006): the top-n keys are a weighted sample without
+    replacement. No host sync, and the noise is the sample's own (seeded by the loader), so masks
+    do not depend on world size or workers. tests/test_model.py checks the first-pick probabilities."""
+    B, T, Np = noise.shape
+    w = attn.reshape(B, T, Np).float().clamp_min(1e-12)
+    keys = torch.log(noise.clamp_min(1e-12)) / w                           # log(u^(1/w)), monotone
+    return _visible_from_keys(keys, ratio)
+
+
+def tube_mask(noise, ratio=0.8):
+    """Tube masking: one random spatial mask shared by every frame (the official crashes, FACTS 1.5)."""
+    return _visible_from_keys(noise[:, :1].expand_as(noise), ratio)
+
+
+def random_mask(noise, ratio=0.8):
+    """Random masking over the whole clip, N - floor(ratio * N) visible (the official stage-2
+    generator, FACTS 2.2: 1024 patches at 0.8 -> 205 visible + CLS)."""
+    return _visible_from_keys(noise.flatten(1)[:, None], ratio)
+
+
+MASK_TYPES = ("attention", "tube", "random")
+
+
+def make_mask(mask_type, noise, ratio, attn=None):
+    """visible (B, 1 + n) by name; attention masking needs the image teacher's attn."""
+    if mask_type == "attention":
+        return attention_mask(attn, noise, ratio)
+    if mask_type not in MASK_TYPES:
+        raise ValueError(f"mask_type must be one of {MASK_TYPES}, got {mask_type!r}")
+    return (tube_mask if mask_type == "tube" else random_mask)(noise, ratio)
+
+
+def patch_index(visible):
+    """visible (B, 1 + n) token index -> (B, n) index into the N patch tokens alone (CLS dropped, every
+    index shifted down by one): the slots of a table or teacher with no CLS row."""
+    return visible[:, 1:] - 1
+
+
+# ------------------------------------------------------------------------------------------------
 # the InternVideo2 video encoder (the student of stage 1; the vision tower of stages 2 and 3)
 
 class InternVideo2(nn.Module):
@@ -412,7 +474,7 @@ class InternVideo2(nn.Module):
     def __init__(self, cfg: VisionConfig, with_heads=False):
         super().__init__()
         self.cfg = cfg.validate()
-        D, N = cfg.embed_dim, cfg.num_patches
+        D, N = cfg.dim, cfg.num_patches
         self.patch_embed = PatchEmbed(cfg)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
         self.pos_embed = nn.Parameter(torch.zeros(1, N + 1, D))
@@ -450,7 +512,7 @@ class InternVideo2(nn.Module):
                 nn.init.zeros_(m.bias)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         t, h, _ = self.cfg.grid
-        table = sincos_3d(self.cfg.embed_dim, h, t, cls_token=True)
+        table = sincos_3d(self.cfg.dim, h, t, cls_token=True)
         self.pos_embed.copy_(table)
         if self.with_heads:
             self.clip_pos_embed.copy_(table)
@@ -518,7 +580,7 @@ class InternVideo2(nn.Module):
         x, hidden = self.forward_features(video, visible, layers=set(clip_layers + mae_layers))
         pooled = self.clip_projector(x)
         clip_pos = gather_tokens(self.clip_pos_embed.expand(B, -1, -1), visible)         # (B, Nv, D)
-        mae_pos = gather_tokens(self.mae_pos_embed.expand(B, -1, -1), visible[:, 1:] - 1)  # no CLS row
+        mae_pos = gather_tokens(self.mae_pos_embed.expand(B, -1, -1), patch_index(visible))  # no CLS row
         out = {"clip_final": self.final_clip_decoder(pooled)}
         if clip_layers:
             out["clip"] = torch.stack([dec(hidden[i] + clip_pos)
@@ -535,10 +597,10 @@ class InternVideo2(nn.Module):
 @dataclass
 class TextConfig:
     vocab_size: int = 30522
-    hidden: int = 1024
-    layers: int = 24
+    dim: int = 1024
+    depth: int = 24
     heads: int = 16
-    intermediate: int = 4096
+    mlp_dim: int = 4096
     max_len: int = 512             # position-embedding rows
     fusion_layer: int = 19         # layers [0, 19) are text-only; [19, 24) add cross-attention
     cross_width: int = 1408        # K/V input width of cross-attention = the memory's width
@@ -548,9 +610,9 @@ class TextConfig:
 
 
 TEXT_PRESETS = {
-    "toy": TextConfig(vocab_size=0, hidden=96, layers=4, heads=4, intermediate=384, max_len=64, fusion_layer=3,
+    "toy": TextConfig(vocab_size=0, dim=96, depth=4, heads=4, mlp_dim=384, max_len=64, fusion_layer=3,
                       cross_width=96, dropout=0.0, init_std=0.06),   # vocab_size comes from the ToyWorld vocabulary
-    "bert-base": TextConfig(hidden=768, layers=12, heads=12, intermediate=3072, fusion_layer=9),
+    "bert-base": TextConfig(dim=768, depth=12, heads=12, mlp_dim=3072, fusion_layer=9),
     "bert-large": TextConfig(),
 }
 
@@ -582,13 +644,13 @@ class BertLayer(nn.Module):
 
     def __init__(self, cfg: TextConfig, cross):
         super().__init__()
-        H = cfg.hidden
+        H = cfg.dim
         self.attn = BertAttention(H, cfg.heads, dropout=cfg.dropout)
         self.attn_norm = nn.LayerNorm(H, eps=cfg.eps)
         if cross:
             self.cross = BertAttention(H, cfg.heads, kv_dim=cfg.cross_width, dropout=cfg.dropout)
             self.cross_norm = nn.LayerNorm(H, eps=cfg.eps)
-        self.fc1, self.fc2 = nn.Linear(H, cfg.intermediate), nn.Linear(cfg.intermediate, H)
+        self.fc1, self.fc2 = nn.Linear(H, cfg.mlp_dim), nn.Linear(cfg.mlp_dim, H)
         self.ffn_norm = nn.LayerNorm(H, eps=cfg.eps)
         self.drop = nn.Dropout(cfg.dropout)
 
@@ -610,13 +672,13 @@ class TextEncoder(nn.Module):
         if cfg.vocab_size <= 0:
             raise ValueError("TextConfig.vocab_size must be set (from the tokenizer's vocabulary)")
         self.cfg = cfg
-        H = cfg.hidden
+        H = cfg.dim
         self.word_emb = nn.Embedding(cfg.vocab_size, H)
         self.pos_emb = nn.Embedding(cfg.max_len, H)
         self.type_emb = nn.Embedding(2, H)
         self.emb_norm = nn.LayerNorm(H, eps=cfg.eps)
         self.drop = nn.Dropout(cfg.dropout)
-        self.layers = nn.ModuleList(BertLayer(cfg, cross=i >= cfg.fusion_layer) for i in range(cfg.layers))
+        self.layers = nn.ModuleList(BertLayer(cfg, cross=i >= cfg.fusion_layer) for i in range(cfg.depth))
         self.mlm_dense, self.mlm_norm = nn.Linear(H, H), nn.LayerNorm(H, eps=cfg.eps)
         self.mlm_bias = nn.Parameter(torch.zeros(cfg.vocab_size))
         for m in self.modules():                           # BERT init: N(0, 0.02), biases 0, LN (1, 0)
@@ -662,59 +724,6 @@ class TextEncoder(nn.Module):
         return F.linear(self.mlm_norm(F.gelu(self.mlm_dense(x))), self.word_emb.weight, self.mlm_bias)
 
 
-def bert_key_map(cfg: TextConfig):
-    """{our key: official key} for a `BertForMaskedLM` state dict (Hugging Face `bert-*-uncased`, and
-    the stage-2 checkpoints' `text_encoder.` part; FACTS 4.2). Cross-attention exists only in layers
-    >= fusion_layer and is new (random) when loading a plain BERT."""
-    m = {"word_emb.weight": "bert.embeddings.word_embeddings.weight",
-         "pos_emb.weight": "bert.embeddings.position_embeddings.weight",
-         "type_emb.weight": "bert.embeddings.token_type_embeddings.weight",
-         "emb_norm.weight": "bert.embeddings.LayerNorm.weight", "emb_norm.bias": "bert.embeddings.LayerNorm.bias",
-         "mlm_dense.weight": "cls.predictions.transform.dense.weight",
-         "mlm_dense.bias": "cls.predictions.transform.dense.bias",
-         "mlm_norm.weight": "cls.predictions.transform.LayerNorm.weight",
-         "mlm_norm.bias": "cls.predictions.transform.LayerNorm.bias", "mlm_bias": "cls.predictions.bias"}
-    names = {"attn": "attention", "cross": "crossattention"}
-    for i in range(cfg.layers):
-        p = f"bert.encoder.layer.{i}."
-        for ours, theirs in names.items():
-            if ours == "cross" and i < cfg.fusion_layer:
-                continue
-            for a, b in (("q", "query"), ("k", "key"), ("v", "value")):
-                for t in ("weight", "bias"):
-                    m[f"layers.{i}.{ours}.{a}.{t}"] = f"{p}{theirs}.self.{b}.{t}"
-            for t in ("weight", "bias"):
-                m[f"layers.{i}.{ours}.o.{t}"] = f"{p}{theirs}.output.dense.{t}"
-                m[f"layers.{i}.{ours}_norm.{t}"] = f"{p}{theirs}.output.LayerNorm.{t}"
-        for t in ("weight", "bias"):
-            m[f"layers.{i}.fc1.{t}"] = f"{p}intermediate.dense.{t}"
-            m[f"layers.{i}.fc2.{t}"] = f"{p}output.dense.{t}"
-            m[f"layers.{i}.ffn_norm.{t}"] = f"{p}output.LayerNorm.{t}"
-    return m
-
-
-def load_bert(text_encoder, state, prefix=""):
-    """Load an official/Hugging Face BERT state dict (keys after `prefix`) through bert_key_map.
-    Shapes must match (KeyError naming each mismatch). Returns the list of our keys the checkpoint
-    did not have (the new cross-attention when loading a plain BERT), so callers can report them."""
-    own = text_encoder.state_dict()
-    fresh, bad, new = [], [], {}
-    for ours, theirs in bert_key_map(text_encoder.cfg).items():
-        src = state.get(prefix + theirs)
-        if src is None and theirs.startswith("bert."):       # `text_encoder.X` renaming (FACTS 4.2)
-            src = state.get(prefix + theirs[len("bert."):])
-        if src is None:
-            fresh.append(ours)
-        elif src.shape != own[ours].shape:
-            bad.append(f"{prefix + theirs}: {tuple(src.shape)} vs {tuple(own[ours].shape)}")
-        else:
-            new[ours] = src
-    if bad:
-        raise KeyError(f"BERT checkpoint does not fit: {bad[:10]}")
-    text_encoder.load_state_dict(new, strict=False)
-    return fresh
-
-
 # ------------------------------------------------------------------------------------------------
 # audio encoder: BEATs (FACTS 2.4, 8.2)
 
@@ -723,11 +732,11 @@ class AudioConfig:
     mel_bins: int = 64             # InternVideo2 feeds 64-bin fbanks, not BEATs' own 128 (FACTS 6.18)
     frames: int = 998              # fbank frames after padding (10 s at a 10 ms shift)
     patch: int = 16                # Conv2d kernel = stride over (frames, mel): 998 x 64 -> 62 x 4 = 248 tokens
-    embed: int = 512               # patch-embedding width
+    patch_dim: int = 512           # patch-embedding width
     dim: int = 768
-    layers: int = 12
+    depth: int = 12
     heads: int = 12
-    ffn: int = 3072
+    mlp_dim: int = 3072
     pos_conv: int = 128            # convolutional position embedding kernel and groups
     pos_conv_groups: int = 16
     deep_norm: bool = True         # post-LN with residual gain (2 L)^(1/4)
@@ -740,7 +749,7 @@ class AudioConfig:
 # beats-base: the released BEATs iter3 checkpoints' cfg as far as known; load_beats reads the
 # checkpoint's own cfg when present (FACTS 7).
 AUDIO_PRESETS = {
-    "toy": AudioConfig(frames=96, embed=64, dim=96, layers=2, heads=4, ffn=384, pos_conv=16, pos_conv_groups=4,
+    "toy": AudioConfig(frames=96, patch_dim=64, dim=96, depth=2, heads=4, mlp_dim=384, pos_conv=16, pos_conv_groups=4,
                        num_buckets=32, max_distance=64, dropout=0.0),
     "beats-base": AudioConfig(),
 }
@@ -804,9 +813,9 @@ class BeatsLayer(nn.Module):
         super().__init__()
         self.self_attn = BeatsAttention(cfg)
         self.self_attn_layer_norm = nn.LayerNorm(cfg.dim)
-        self.fc1, self.fc2 = nn.Linear(cfg.dim, cfg.ffn), nn.Linear(cfg.ffn, cfg.dim)
+        self.fc1, self.fc2 = nn.Linear(cfg.dim, cfg.mlp_dim), nn.Linear(cfg.mlp_dim, cfg.dim)
         self.final_layer_norm = nn.LayerNorm(cfg.dim)
-        self.alpha = (2 * cfg.layers) ** 0.25 if cfg.deep_norm else 1.0
+        self.alpha = (2 * cfg.depth) ** 0.25 if cfg.deep_norm else 1.0
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x, pos_bias):
@@ -820,7 +829,7 @@ class BeatsEncoder(nn.Module):
         super().__init__()
         self.pos_conv = PosConv(cfg.dim, cfg.pos_conv, cfg.pos_conv_groups)
         self.layer_norm = nn.LayerNorm(cfg.dim)
-        self.layers = nn.ModuleList(BeatsLayer(cfg) for _ in range(cfg.layers))
+        self.layers = nn.ModuleList(BeatsLayer(cfg) for _ in range(cfg.depth))
         self.relative_attention_bias = nn.Embedding(cfg.num_buckets, cfg.heads) if cfg.num_buckets else None
         self.cfg = cfg
 
@@ -853,9 +862,9 @@ class AudioEncoder(nn.Module):
     def __init__(self, cfg: AudioConfig):
         super().__init__()
         self.cfg = cfg
-        self.patch_embedding = nn.Conv2d(1, cfg.embed, kernel_size=cfg.patch, stride=cfg.patch, bias=False)
-        self.layer_norm = nn.LayerNorm(cfg.embed)
-        self.post_extract_proj = nn.Linear(cfg.embed, cfg.dim)
+        self.patch_embedding = nn.Conv2d(1, cfg.patch_dim, kernel_size=cfg.patch, stride=cfg.patch, bias=False)
+        self.layer_norm = nn.LayerNorm(cfg.patch_dim)
+        self.post_extract_proj = nn.Linear(cfg.patch_dim, cfg.dim)
         self.encoder = BeatsEncoder(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
@@ -863,31 +872,6 @@ class AudioEncoder(nn.Module):
         x = self.patch_embedding(fbank[:, None])                # (B, E, T', F')
         x = self.layer_norm(x.flatten(2).transpose(1, 2))       # (B, T'F', E), token = t * F' + f
         return self.encoder(self.drop(self.post_extract_proj(x)))
-
-
-def load_beats(state_or_ckpt):
-    """Build an AudioEncoder from an official BEATs checkpoint ({'cfg': ..., 'model': state}) and
-    load it; missing or mis-shaped keys raise KeyError naming them."""
-    ck = state_or_ckpt
-    state, ocfg = ck.get("model", ck), ck.get("cfg", {})
-    names = {"encoder_embed_dim": "dim", "encoder_layers": "layers", "encoder_attention_heads": "heads",
-             "encoder_ffn_embed_dim": "ffn", "embed_dim": "embed", "input_patch_size": "patch",
-             "conv_pos": "pos_conv", "conv_pos_groups": "pos_conv_groups", "deep_norm": "deep_norm",
-             "num_buckets": "num_buckets", "max_distance": "max_distance", "gru_rel_pos": "gru_rel_pos"}
-    over = {ours: ocfg[theirs] for theirs, ours in names.items() if theirs in ocfg}
-    if ocfg.get("relative_position_embedding") is False:
-        over["num_buckets"] = 0
-    enc = AudioEncoder(audio_preset("beats-base", **over))
-    state = {k.replace("encoder.pos_conv.0.", "encoder.pos_conv.")
-              .replace("encoder.layers.0.self_attn.relative_attention_bias", "encoder.relative_attention_bias"): v
-             for k, v in state.items() if ".relative_attention_bias" not in k or "layers.0." in k}
-    own = enc.state_dict()
-    missing = [k for k in own if k not in state]
-    bad = [k for k in own if k in state and state[k].shape != own[k].shape]
-    if missing or bad:
-        raise KeyError(f"BEATs checkpoint does not fit: missing {missing[:10]}, wrong shapes {bad[:10]}")
-    enc.load_state_dict({k: state[k] for k in own})
-    return enc
 
 
 # ------------------------------------------------------------------------------------------------
@@ -899,23 +883,24 @@ class Stage2Model(nn.Module):
     With audio, every vision token is projected to av_dim + LayerNorm before it enters
     cross-attention, and the fusion layers read av_dim-wide memories (FACTS 6.17)."""
 
-    def __init__(self, vcfg: VisionConfig, tcfg: TextConfig, acfg: AudioConfig = None, embed_dim=512, av_dim=768,
+    def __init__(self, vcfg: VisionConfig, tcfg: TextConfig, acfg: AudioConfig = None, contrastive_dim=None, av_dim=768,
                  temp=0.07):
         super().__init__()
+        contrastive_dim = contrastive_dim or (768 if acfg else 512)     # official: 1B 512, 6B 768 (FACTS 2.1)
         self.vision_encoder = InternVideo2(vcfg)
-        self.text_encoder = TextEncoder(replace(tcfg, cross_width=av_dim if acfg else vcfg.embed_dim))
-        self.vision_proj = nn.Linear(vcfg.pool_dim, embed_dim)
-        self.text_proj = nn.Linear(tcfg.hidden, embed_dim)
-        self.itm_head = nn.Linear(tcfg.hidden, 2)
+        self.text_encoder = TextEncoder(replace(tcfg, cross_width=av_dim if acfg else vcfg.dim))
+        self.vision_proj = nn.Linear(vcfg.pool_dim, contrastive_dim)
+        self.text_proj = nn.Linear(tcfg.dim, contrastive_dim)
+        self.itm_head = nn.Linear(tcfg.dim, 2)
         self.temp = nn.Parameter(torch.tensor(temp))        # clamped to [0.001, 0.5] each step (FACTS 2.6)
         self.has_audio = acfg is not None
         if acfg:
             self.audio_encoder = AudioEncoder(acfg)
-            self.audio_proj = nn.Linear(acfg.dim, embed_dim)
-            self.av_concat_vision_proj = nn.Sequential(nn.Linear(vcfg.embed_dim, av_dim), nn.LayerNorm(av_dim))
+            self.audio_proj = nn.Linear(acfg.dim, contrastive_dim)
+            self.av_concat_vision_proj = nn.Sequential(nn.Linear(vcfg.dim, av_dim), nn.LayerNorm(av_dim))
             self.av_concat_audio_proj = nn.Sequential(nn.Linear(acfg.dim, av_dim), nn.LayerNorm(av_dim))
-            self.av_fusion = nn.Linear(2 * embed_dim, embed_dim)
-            self.avtm_head = nn.Linear(tcfg.hidden, 2)
+            self.av_fusion = nn.Linear(2 * contrastive_dim, contrastive_dim)
+            self.avtm_head = nn.Linear(tcfg.dim, 2)
         for name, m in self.named_children():               # fresh heads: trunc-normal 0.02, bias 0
             if name.endswith(("_proj", "_head", "av_fusion")):
                 for lin in [m] if isinstance(m, nn.Linear) else [x for x in m.modules() if isinstance(x, nn.Linear)]:
@@ -957,10 +942,10 @@ class Stage2Model(nn.Module):
 
 @dataclass
 class QFormerConfig:
-    hidden: int = 768
-    layers: int = 12
+    dim: int = 768
+    depth: int = 12
     heads: int = 12
-    intermediate: int = 3072
+    mlp_dim: int = 3072
     num_query: int = 32            # learned queries ...
     extra_query: int = 64          # ... + extra queries = 96 visual tokens for the LLM
     cross_every: int = 2           # cross-attention to the video in layers 0, 2, 4, ...
@@ -974,7 +959,7 @@ class QFormerConfig:
 
 
 QFORMER_PRESETS = {
-    "toy": QFormerConfig(hidden=96, layers=4, heads=4, intermediate=384, num_query=8, extra_query=8, vision_width=96,
+    "toy": QFormerConfig(dim=96, depth=4, heads=4, mlp_dim=384, num_query=8, extra_query=8, vision_width=96,
                          vocab_size=0, max_len=64, dropout=0.0, drop_path=0.0, init_std=0.06),
     "base": QFormerConfig(),
 }
@@ -987,14 +972,14 @@ class QFormerLayer(nn.Module):
 
     def __init__(self, cfg: QFormerConfig, cross, drop_path=0.0):
         super().__init__()
-        H = cfg.hidden
+        H = cfg.dim
         self.attn, self.attn_norm = BertAttention(H, cfg.heads, dropout=cfg.dropout), nn.LayerNorm(H, eps=cfg.eps)
         if cross:
             self.cross = BertAttention(H, cfg.heads, kv_dim=cfg.vision_width, dropout=cfg.dropout)
             self.cross_norm = nn.LayerNorm(H, eps=cfg.eps)
-        self.fc1, self.fc2, self.ffn_norm = nn.Linear(H, cfg.intermediate), nn.Linear(cfg.intermediate, H), \
+        self.fc1, self.fc2, self.ffn_norm = nn.Linear(H, cfg.mlp_dim), nn.Linear(cfg.mlp_dim, H), \
             nn.LayerNorm(H, eps=cfg.eps)
-        self.fc1_q, self.fc2_q, self.ffn_norm_q = nn.Linear(H, cfg.intermediate), nn.Linear(cfg.intermediate, H), \
+        self.fc1_q, self.fc2_q, self.ffn_norm_q = nn.Linear(H, cfg.mlp_dim), nn.Linear(cfg.mlp_dim, H), \
             nn.LayerNorm(H, eps=cfg.eps)
         self.drop, self.drop_path = nn.Dropout(cfg.dropout), DropPath(drop_path)
 
@@ -1022,13 +1007,13 @@ class QFormer(nn.Module):
         super().__init__()
         if cfg.vocab_size <= 0:
             raise ValueError("QFormerConfig.vocab_size must be set (from the BERT vocabulary)")
-        self.cfg, H = cfg, cfg.hidden
+        self.cfg, H = cfg, cfg.dim
         self.query_tokens = nn.Parameter(torch.zeros(1, cfg.num_query, H))
         self.extra_query_tokens = nn.Parameter(torch.zeros(1, cfg.extra_query, H))
         self.word_emb, self.pos_emb = nn.Embedding(cfg.vocab_size, H), nn.Embedding(cfg.max_len, H)
         self.emb_norm, self.drop = nn.LayerNorm(H, eps=cfg.eps), nn.Dropout(cfg.dropout)
-        self.layers = nn.ModuleList(QFormerLayer(cfg, i % cfg.cross_every == 0, cfg.drop_path * i / max(cfg.layers - 1, 1))
-                                    for i in range(cfg.layers))
+        self.layers = nn.ModuleList(QFormerLayer(cfg, i % cfg.cross_every == 0,
+                                                 cfg.drop_path * i / max(cfg.depth - 1, 1)) for i in range(cfg.depth))
         self.lm_dense, self.lm_norm = nn.Linear(H, H), nn.LayerNorm(H, eps=cfg.eps)
         self.lm_bias = nn.Parameter(torch.zeros(cfg.vocab_size))
         for m in self.modules():
@@ -1066,26 +1051,6 @@ class QFormer(nn.Module):
         return F.linear(self.lm_norm(F.gelu(self.lm_dense(h))), self.word_emb.weight, self.lm_bias)
 
 
-def qformer_from_bert(qformer, bert_state):
-    """Initialise the Q-Former from a BERT with the same width, as VideoChat2 starts from
-    bert-base-uncased: embeddings, self-attention, FFN (copied to the query FFN too) and the MLM head
-    of layer i go to Q-Former layer i; cross-attention and queries stay fresh. bert_state uses
-    TextEncoder key names. Returns the Q-Former keys left fresh."""
-    own, new = qformer.state_dict(), {}
-    for k, v in bert_state.items():
-        if ".cross" in k:
-            continue
-        targets = [k.replace("mlm_", "lm_")]
-        if k.startswith("layers.") and (".fc" in k or "ffn_norm" in k):
-            parts = k.split(".")
-            targets.append(".".join(parts[:2] + [parts[2] + "_q"] + parts[3:]))
-        for t in targets:
-            if t in own and own[t].shape == v.shape:
-                new[t] = v
-    qformer.load_state_dict(new, strict=False)
-    return sorted(set(own) - set(new))
-
-
 # ------------------------------------------------------------------------------------------------
 # stage 3: the LLM (LLaMA / Mistral), with a KV cache and LoRA
 
@@ -1093,16 +1058,16 @@ def qformer_from_bert(qformer, bert_state):
 class LLMConfig:
     vocab_size: int = 32000
     dim: int = 4096
-    layers: int = 32
+    depth: int = 32
     heads: int = 32
     kv_heads: int = 8              # grouped-query attention
-    hidden: int = 14336            # SwiGLU width
+    mlp_dim: int = 14336           # SwiGLU width
     rope_theta: float = 1e6        # Mistral-7B-Instruct-v0.2
     eps: float = 1e-5
 
 
 LLM_PRESETS = {
-    "toy": LLMConfig(vocab_size=0, dim=128, layers=4, heads=4, kv_heads=2, hidden=384, rope_theta=10000.0),
+    "toy": LLMConfig(vocab_size=0, dim=128, depth=4, heads=4, kv_heads=2, mlp_dim=384, rope_theta=10000.0),
     "mistral-7b": LLMConfig(),
 }
 
@@ -1149,9 +1114,9 @@ class LLMBlock(nn.Module):
         self.input_layernorm, self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.eps), RMSNorm(cfg.dim, cfg.eps)
         self.self_attn = LLMAttention(cfg)
         self.mlp = nn.Module()
-        self.mlp.gate_proj = nn.Linear(cfg.dim, cfg.hidden, bias=False)
-        self.mlp.up_proj = nn.Linear(cfg.dim, cfg.hidden, bias=False)
-        self.mlp.down_proj = nn.Linear(cfg.hidden, cfg.dim, bias=False)
+        self.mlp.gate_proj = nn.Linear(cfg.dim, cfg.mlp_dim, bias=False)
+        self.mlp.up_proj = nn.Linear(cfg.dim, cfg.mlp_dim, bias=False)
+        self.mlp.down_proj = nn.Linear(cfg.mlp_dim, cfg.dim, bias=False)
 
     def forward(self, x, cos, sin, mask, cache=None):
         h, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
@@ -1170,7 +1135,7 @@ class LLM(nn.Module):
             raise ValueError("LLMConfig.vocab_size must be set (from the LLM tokenizer)")
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(LLMBlock(cfg) for _ in range(cfg.layers))
+        self.layers = nn.ModuleList(LLMBlock(cfg) for _ in range(cfg.depth))
         self.norm = RMSNorm(cfg.dim, cfg.eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         for m in self.modules():
@@ -1195,27 +1160,6 @@ class LLM(nn.Module):
             x, kv = layer(x, cos, sin, mask, None if cache is None else cache[i])
             new_cache.append(kv)
         return self.lm_head(self.norm(x)), new_cache
-
-
-def llm_key_map(llm):
-    """{our key: Hugging Face Mistral/LLaMA key}: the same names under `model.`, except lm_head."""
-    return {k: (k if k.startswith("lm_head") else "model." + k) for k in llm.state_dict()}
-
-
-def load_llm(llm, state):
-    """Load a Hugging Face Mistral/LLaMA state dict (e.g. the merged safetensors of Mistral-7B);
-    missing or mis-shaped keys raise KeyError naming them."""
-    own, new, bad = llm.state_dict(), {}, []
-    for ours, theirs in llm_key_map(llm).items():
-        if theirs not in state:
-            bad.append(f"missing {theirs}")
-        elif state[theirs].shape != own[ours].shape:
-            bad.append(f"{theirs}: {tuple(state[theirs].shape)} vs {tuple(own[ours].shape)}")
-        else:
-            new[ours] = state[theirs]
-    if bad:
-        raise KeyError(f"LLM checkpoint does not fit: {bad[:10]}")
-    llm.load_state_dict(new)
 
 
 def sample_next(logits, temperature=0.0, top_p=1.0, generator=None):
@@ -1302,16 +1246,31 @@ class Stage3Model(nn.Module):
     optionally conditioned on the instruction) -> Linear to the LLM width -> LLM (FACTS 3). The
     contrastive/matching heads serve the Q-Former alignment sub-stage."""
 
-    def __init__(self, vcfg: VisionConfig, qcfg: QFormerConfig, lcfg: LLMConfig, embed_dim=256, temp=0.07):
+    def __init__(self, vcfg: VisionConfig, qcfg: QFormerConfig, lcfg: LLMConfig, contrastive_dim=256, temp=0.07):
         super().__init__()
         self.vision_encoder = InternVideo2(vcfg)
-        self.vision_layernorm = nn.LayerNorm(vcfg.embed_dim, eps=1e-12)        # vit_add_ln
-        self.qformer = QFormer(replace(qcfg, vision_width=vcfg.embed_dim))
-        self.llm_proj = nn.Linear(qcfg.hidden, lcfg.dim)                        # VideoChat2's mistral_proj
+        self.vision_layernorm = nn.LayerNorm(vcfg.dim, eps=1e-12)        # vit_add_ln
+        self.qformer = QFormer(replace(qcfg, vision_width=vcfg.dim))
+        self.llm_proj = nn.Linear(qcfg.dim, lcfg.dim)                        # VideoChat2's mistral_proj
         self.llm = LLM(lcfg)
-        self.vision_proj, self.text_proj = nn.Linear(qcfg.hidden, embed_dim), nn.Linear(qcfg.hidden, embed_dim)
-        self.itm_head = nn.Linear(qcfg.hidden, 2)
+        self.vision_proj = nn.Linear(qcfg.dim, contrastive_dim)
+        self.text_proj = nn.Linear(qcfg.dim, contrastive_dim)
+        self.itm_head = nn.Linear(qcfg.dim, 2)
         self.temp = nn.Parameter(torch.tensor(temp))
+
+    def set_trainable(self, substage):
+        """Sub-stage 1: the Q-Former and its heads. 2: + video encoder and projection, LLM frozen.
+        3: + LoRA adapters on the frozen LLM (FACTS 3)."""
+        self.requires_grad_(False)
+        for m in (self.qformer, self.vision_proj, self.text_proj, self.itm_head):
+            m.requires_grad_(True)
+        self.temp.requires_grad_(True)
+        if substage >= 2:
+            for m in (self.vision_encoder, self.vision_layernorm, self.llm_proj):
+                m.requires_grad_(True)
+        if substage == 3:
+            for name, p in self.llm.named_parameters():
+                p.requires_grad_("lora_" in name)
 
     def video_tokens(self, video):
         """(B, 3, T, H, W) -> (B, 1 + N, D): the penultimate block's tokens (x_vis_return_idx = -2)."""
@@ -1335,7 +1294,7 @@ class Stage3Model(nn.Module):
     def from_config(mc):
         """Rebuild from a checkpoint's model_config (vision, qformer, llm dicts and the LoRA settings)."""
         model = Stage3Model(VisionConfig(**mc["vision"]), QFormerConfig(**mc["qformer"]), LLMConfig(**mc["llm"]),
-                            mc.get("embed_dim", 256))
+                            mc.get("contrastive_dim", 256))
         if mc.get("lora"):
             add_lora(model.llm, **mc["lora"])
         return model

@@ -18,7 +18,8 @@ from tqdm import tqdm
 from common import cosine_lr, print0
 from data import build_chat, load_jsonl
 from losses import answer_loss, mask_tokens, token_cross_entropy
-from model import LLM, TextEncoder, bert_key_map, llm_key_map
+from checkpoints import bert_key_map, llm_key_map
+from model import LLM, TextEncoder
 
 
 def _texts(data_root):

@@ -17,7 +17,6 @@ InternVL-C or VideoMAEv2-g.
 
     python teachers.py --data=data/toyworld --out=out/teachers     # about 2 minutes on 2 CPU cores
 """
-import json
 import math
 import sys
 import time
@@ -29,23 +28,23 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import (AttentionPool, Block, PatchEmbed, VisionConfig, count_params, preset, sincos_2d,
-                   sinusoid_table)
+from model import (AttentionPool, Block, PatchEmbed, VisionConfig, count_params, patch_index, preset, sincos_2d,
+                   sinusoid_table, tube_mask)
 
 # Official teacher shapes (FACTS 1.4); drop path is irrelevant for a frozen teacher.
 CLIP_TEACHER_PRESETS = {
-    "toy": VisionConfig(img_size=32, patch_size=8, num_frames=8, embed_dim=96, depth=4, num_heads=4,
-                        mlp_ratio=4.0, layerscale=0.1, drop_path=0.0, pool_heads=4, pool_dim=96,
+    "toy": VisionConfig(img_size=32, patch_size=8, num_frames=8, dim=96, depth=4, heads=4,
+                        mlp_dim=384, layerscale=0.1, drop_path=0.0, pool_heads=4, pool_dim=96,
                         clip_return_layers=2, mae_return_layers=0),
-    "internvit-6b": VisionConfig(embed_dim=3200, depth=48, num_heads=25, mlp_ratio=4.0, layerscale=0.1,
+    "internvit-6b": VisionConfig(dim=3200, depth=48, heads=25, mlp_dim=12800, layerscale=0.1,
                                  drop_path=0.0, clip_return_layers=6, mae_return_layers=0),
 }
 MAE_TEACHER_PRESETS = {
-    "toy": VisionConfig(img_size=32, patch_size=8, num_frames=16, tubelet_size=2, embed_dim=96, depth=4,
-                        num_heads=4, mlp_ratio=4.0, qkv_bias="qv", qk_norm=False, norm="ln", layerscale=0.0,
+    "toy": VisionConfig(img_size=32, patch_size=8, num_frames=16, tubelet_size=2, dim=96, depth=4,
+                        heads=4, mlp_dim=384, qkv_bias="qv", qk_norm=False, norm="ln", layerscale=0.0,
                         act="gelu", drop_path=0.0, clip_return_layers=0, mae_return_layers=2),
-    "videomae-g": VisionConfig(num_frames=16, tubelet_size=2, embed_dim=1408, depth=40, num_heads=16,
-                               mlp_ratio=48 / 11, qkv_bias="qv", qk_norm=False, norm="ln", layerscale=0.0,
+    "videomae-g": VisionConfig(num_frames=16, tubelet_size=2, dim=1408, depth=40, heads=16,
+                               mlp_dim=6144, qkv_bias="qv", qk_norm=False, norm="ln", layerscale=0.0,
                                act="gelu", drop_path=0.0, clip_return_layers=0, mae_return_layers=4),
 }
 
@@ -60,14 +59,13 @@ class InternViTTeacher(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.cfg = cfg = replace(cfg, tubelet_size=1, num_frames=1)
-        hw = cfg.num_patches
         self.patch_embed = PatchEmbed(cfg)                     # Conv3d, temporal kernel 1 ("inflated")
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
         # 2-D, frozen (FACTS 1.4); the official loads it from the checkpoint, the toy starts from sin-cos
-        table = torch.cat([torch.zeros(1, cfg.embed_dim), sincos_2d(cfg.embed_dim, cfg.grid[1]).float()])
+        table = torch.cat([torch.zeros(1, cfg.dim), sincos_2d(cfg.dim, cfg.grid[1]).float()])
         self.pos_embed = nn.Parameter(table[None].clone(), requires_grad=False)   # (1, 1+HW, D)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
-        self.clip_projector = AttentionPool(cfg.embed_dim, cfg.pool_heads, cfg.pool_dim)
+        self.clip_projector = AttentionPool(cfg.dim, cfg.pool_heads, cfg.pool_dim)
         _init_linear(self)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
 
@@ -92,7 +90,7 @@ class InternViTTeacher(nn.Module):
         clip_final (B, pool_dim): pooled vector averaged over frames
         attn (B, T, HW): the pooling query's head-averaged attention over each frame's patches."""
         B, _, T, H, W = video.shape
-        K, D = self.cfg.clip_return_layers, self.cfg.embed_dim
+        K, D = self.cfg.clip_return_layers, self.cfg.dim
         frames = video.transpose(1, 2).reshape(B * T, 3, 1, H, W)
         x, hidden = self.tokens(frames, layers=range(self.cfg.depth - K, self.cfg.depth))
         pooled, attn = self.clip_projector(x, need_weights=True)          # (BT, P), (BT, 1+HW)
@@ -112,9 +110,9 @@ class VideoMAETeacher(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.patch_embed = PatchEmbed(cfg)
-        self.register_buffer("pos_embed", sinusoid_table(cfg.num_patches, cfg.embed_dim), persistent=False)
+        self.register_buffer("pos_embed", sinusoid_table(cfg.num_patches, cfg.dim), persistent=False)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
-        self.norm = nn.LayerNorm(cfg.embed_dim, eps=1e-6)
+        self.norm = nn.LayerNorm(cfg.dim, eps=1e-6)
         _init_linear(self)
 
     def forward_features(self, video, visible=None):
@@ -260,8 +258,8 @@ class MAEDecoder(nn.Module):
 
     def __init__(self, cfg: VisionConfig, dim=64, depth=2):
         super().__init__()
-        dcfg = replace(cfg, embed_dim=dim, depth=depth, num_heads=4, qkv_bias="qv", layerscale=0.0)
-        self.embed = nn.Linear(cfg.embed_dim, dim)
+        dcfg = replace(cfg, dim=dim, depth=depth, heads=4, mlp_dim=4 * dim, qkv_bias="qv", layerscale=0.0)
+        self.embed = nn.Linear(cfg.dim, dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.register_buffer("pos", sinusoid_table(cfg.num_patches, dim), persistent=False)
         self.blocks = nn.ModuleList(Block(dcfg) for _ in range(depth))
@@ -310,7 +308,7 @@ def pretrain_toy_teachers(data_root, out_dir, clip_steps=450, mae_steps=100, bat
     """Train the toy image teacher (CLIP) and video teacher (VideoMAE, 90% tube masking) on ToyWorld's
     train split and save them in the official layouts. Returns the two checkpoint paths; the loss
     curves go to history['clip'] and history['mae'] when a dict is given."""
-    from data import VideoTextDataset, train_loader, tube_mask
+    from data import VideoTextDataset, train_loader
     from losses import contrastive_loss
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -343,7 +341,7 @@ def pretrain_toy_teachers(data_root, out_dir, clip_steps=450, mae_steps=100, bat
                           noise_grid=(T, Np), crop_scale=(0.6, 1.0))
 
     def mae_loss(b):
-        visible = tube_mask(b["mask_noise"], 0.9)[:, 1:] - 1               # patch indices (no CLS here)
+        visible = patch_index(tube_mask(b["mask_noise"], 0.9))           # patch indices (no CLS here)
         pred = dec(mae.forward_features(b["video"], visible), visible, N)  # (B, N, pixels)
         hidden = torch.ones(pred.shape[:2], dtype=torch.bool).scatter(1, visible, False)
         return ((pred - tubelet_pixels(b["video"], mae_cfg)) ** 2).mean(-1)[hidden].mean()

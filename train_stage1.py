@@ -15,20 +15,16 @@ Writes <out_dir>/ckpt.pt (student + heads, optimizer, step, RNG), log.txt and me
 linear-probe evaluation). `--resume` continues exactly; stage 2 takes `--init_from=<ckpt.pt>`.
 """
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
-
-from common import (RunLog, WithLoss, barrier, build_optimizer, check, cleanup, compile_blocks, cosine_lr, distribute,
-                    load_checkpoint, load_state, model_state, optimizer_state, parse_config, pick_dtype, print0,
-                    resume, run_summary, save_checkpoint, setup_runtime, shard, training_loop, write_json)
-from data import (ATTRIBUTES, TOYWORLD, VideoTextDataset, attention_mask, prepare_toyworld, random_mask, train_loader,
-                  tube_mask)
-from evaluate import extract_features, probe_attributes
-from losses import stage1_loss
-from model import InternVideo2, count_params, gather_tokens, param_table, vision_preset
+from common import (RunLog, WithLoss, barrier, build_optimizer, by_preset, check, cleanup, compile_blocks, cosine_lr,
+                    distribute, load_checkpoint, load_state, model_state, optimizer_state, parse_config, pick_dtype,
+                    print0, resume, run_summary, save_checkpoint, setup_runtime, shard, training_loop, write_json)
+from data import TOYWORLD, VideoTextDataset, prepare_toyworld, train_loader
+from evaluate import evaluate_stage1
+from losses import stage1_objective
+from model import MASK_TYPES, VISION_PRESETS, InternVideo2, count_params, param_table, vision_preset
 from teachers import build_teachers, pretrain_toy_teachers
 
 
@@ -63,8 +59,8 @@ class Stage1Config:
     grad_accum: int = 1             # micro-batches per optimizer step
     max_steps: int = 200            # optimizer steps (0 = only evaluate the initial weights)
     warmup_steps: int = 20          # linear warmup from 0
-    lr: float = -1.0                # peak lr per 256 clips, scaled by global batch / 256; -1 = 1.5e-4 (toy 6e-3)
-    min_lr: float = -1.0            # final cosine lr per 256 clips; -1 = 1e-5 (toy 1e-4)
+    lr: float = -1.0                # peak lr per 256 clips, scaled by global batch / 256; -1 = by preset
+    min_lr: float = -1.0            # final cosine lr per 256 clips; -1 = by preset
     weight_decay: float = 0.05      # AdamW, not on 1-D params, biases, pos/cls
     beta2: float = 0.98             # AdamW betas (0.9, beta2), eps 1e-6
     grad_clip: float = 3.0          # max global grad norm
@@ -86,39 +82,22 @@ class Stage1Config:
     eval: bool = True               # linear-probe evaluation at the end
     probe_train_clips: int = 600    # training clips the probes are fitted on
 
+    # Defaults that depend on the preset, (toy, full): the full column is the official recipe (FACTS 1.8);
+    # the toy trains 200 steps, not 301 epochs (README, differences). img_size and drop_path: the preset's.
+    BY_PRESET = {"lr": (6e-3, 1.5e-4), "min_lr": (1e-4, 1e-5)}
+
     def validate(self):
-        check(self.mask_type in ("attention", "tube", "random"), f"--mask_type must be attention, tube or random, got {self.mask_type!r}")
+        check(self.mask_type in MASK_TYPES, f"--mask_type must be attention, tube or random, got {self.mask_type!r}")
         check(0.0 <= self.mask_ratio < 1.0, f"--mask_ratio must be in [0, 1), got {self.mask_ratio}")
         check(self.batch_size > 0 and self.grad_accum > 0, "--batch_size and --grad_accum must be positive")
         check(self.max_steps >= 0 and self.warmup_steps >= 0, "--max_steps and --warmup_steps must be >= 0")
         check(0.0 < self.crop_scale <= 1.0, f"--crop_scale must be in (0, 1], got {self.crop_scale}")
         check(not (self.resume and self.init_from), "use --resume or --init_from, not both")
-        if self.lr < 0:                                       # the recipe (FACTS 1.8); the toy trains
-            self.lr = 6e-3 if self.preset == "toy" else 1.5e-4   # 300 steps, not 301 epochs
-        if self.min_lr < 0:
-            self.min_lr = 1e-4 if self.preset == "toy" else 1e-5
-
-
-MASKERS = {"attention": lambda attn, noise, r: attention_mask(attn, noise, r),
-           "tube": lambda attn, noise, r: tube_mask(noise, r),
-           "random": lambda attn, noise, r: random_mask(noise, r)}
-
-
-def stage1_loss_fn(teachers, cfg, rt):
-    """(student, batch) -> (loss, parts): teachers on the full clip, mask, student on the visible
-    tokens, targets gathered at the same slots (FACTS 1.5, 1.6, 1.9). The teachers stay outside the
-    student: the closure holds them, the module tree does not."""
-    mask_fn = MASKERS[cfg.mask_type]
-
-    def loss_fn(student, batch):
-        video = batch["video"].to(rt.device, non_blocking=True)             # (B, 3, 2T, H, W)
-        tgt = teachers(video)
-        visible = mask_fn(tgt["attn"], batch["mask_noise"].to(rt.device), cfg.mask_ratio)   # (B, 1+Nv)
-        out = student.forward_distill(video[:, :, ::2], visible)
-        targets = {"clip": gather_tokens(tgt["clip"], visible), "clip_final": tgt["clip_final"],
-                   "mae": gather_tokens(tgt["mae"], visible[:, 1:] - 1)}
-        return stage1_loss(out, targets, cfg.w_clip, cfg.w_clip_final, cfg.w_mae)
-    return loss_fn
+        check(self.preset in VISION_PRESETS, f"--preset must be one of {list(VISION_PRESETS)}, got {self.preset!r}")
+        by_preset(self, self.BY_PRESET, 0 if self.preset == "toy" else 1)
+        base = VISION_PRESETS[self.preset]
+        self.img_size = self.img_size or base.img_size
+        self.drop_path = base.drop_path if self.drop_path < 0 else self.drop_path
 
 
 def main(argv=None):
@@ -128,12 +107,7 @@ def main(argv=None):
 
     # ---- data ---------------------------------------------------------------------------------
     prepare_toyworld(cfg.data, rt)
-    overrides = {"num_frames": cfg.num_frames}
-    if cfg.img_size:
-        overrides["img_size"] = cfg.img_size
-    if cfg.drop_path >= 0:
-        overrides["drop_path"] = cfg.drop_path
-    vcfg = vision_preset(cfg.preset, **overrides)
+    vcfg = vision_preset(cfg.preset, num_frames=cfg.num_frames, img_size=cfg.img_size, drop_path=cfg.drop_path)
     T, Np = vcfg.grid[0], vcfg.grid[1] * vcfg.grid[2]
     train_set = VideoTextDataset(Path(cfg.data) / "train.jsonl", 2 * cfg.num_frames, vcfg.img_size, train=True,
                                  seed=cfg.seed, skip_bad=cfg.skip_bad_samples, noise_grid=(T, Np),
@@ -157,7 +131,7 @@ def main(argv=None):
         barrier(rt)
     teachers = build_teachers(cfg.clip_teacher, cfg.mae_teacher, clip_ckpt or None, mae_ckpt or None)
     teachers.to(rt.device, rt.frozen_dtype if cfg.teacher_dtype == "auto" else pick_dtype(rt.device, cfg.teacher_dtype))
-    check(teachers.clip.cfg.embed_dim == vcfg.clip_teacher_dim and teachers.mae.cfg.embed_dim == vcfg.mae_teacher_dim
+    check(teachers.clip.cfg.dim == vcfg.clip_teacher_dim and teachers.mae.cfg.dim == vcfg.mae_teacher_dim
           and teachers.clip.cfg.pool_dim == vcfg.clip_teacher_final_dim,
           f"the student's heads ({vcfg.clip_teacher_dim}, {vcfg.clip_teacher_final_dim}, {vcfg.mae_teacher_dim}) "
           f"do not match the teachers' widths; pair toy with toy and full presets with full teachers")
@@ -170,7 +144,9 @@ def main(argv=None):
     student.grad_ckpt_blocks = cfg.grad_ckpt_blocks
     if cfg.compile:
         compile_blocks(student), compile_blocks(teachers.clip), compile_blocks(teachers.mae)
-    model = WithLoss(student, stage1_loss_fn(teachers, cfg, rt))
+    settings = dict(mask_type=cfg.mask_type, mask_ratio=cfg.mask_ratio, w_clip=cfg.w_clip,
+                    w_clip_final=cfg.w_clip_final, w_mae=cfg.w_mae)
+    model = WithLoss(student, lambda student, batch: stage1_objective(student, teachers, batch, **settings))
     if cfg.fsdp:
         shard(model, rt)                                               # before the optimizer sees it
     global_batch = cfg.batch_size * cfg.grad_accum * rt.world
@@ -221,44 +197,6 @@ def main(argv=None):
         print0(f"metrics -> {out_dir / 'metrics.json'}: {summary}")
     cleanup(rt)
     return metrics
-
-
-@torch.no_grad()
-def evaluate_stage1(student, teachers, cfg, vcfg, rt):
-    """Linear probes per ToyWorld attribute on frozen clip features of the held-out split (FACTS-free:
-    ToyWorld's own protocol), for the trained student, a random-initialised student of the same
-    preset, and each teacher. Needs records with `attrs` (ToyWorld); returns {} otherwise."""
-    kw = dict(img_size=vcfg.img_size, train=False, seed=cfg.seed)
-    sets = {s: VideoTextDataset(Path(cfg.data) / f"{s}.jsonl", 2 * cfg.num_frames, **kw) for s in ("train", "val")}
-    if not all("attrs" in r for r in sets["val"].records):
-        print0("no `attrs` in the held-out samples: skipping the linear probes", rt=rt)
-        return {}
-    torch.manual_seed(cfg.seed)
-    random_init = InternVideo2(vcfg).to(rt.device).eval()
-    student.eval()
-    dev = rt.device
-    feature_fns = {
-        "student": lambda b: student(b["video"].to(dev)[:, :, ::2]),
-        "random_init": lambda b: random_init(b["video"].to(dev)[:, :, ::2]),
-        "teacher_clip": lambda b: teachers.clip(b["video"].to(dev)[:, :, ::2])["clip_final"],
-        "teacher_mae": lambda b: teachers.mae.forward_features(b["video"].to(dev)).mean(1),
-    }
-    out, n_train = {}, min(cfg.probe_train_clips, len(sets["train"]))
-    recs_train, recs_val = sets["train"].records[:n_train], sets["val"].records
-    for name, fn in feature_fns.items():
-        t0 = time.time()
-        f_train = extract_features(fn, sets["train"], rt, limit=n_train)
-        f_val = extract_features(fn, sets["val"], rt)
-        accs = probe_attributes(f_train, recs_train, f_val, recs_val)
-        out[f"probe_acc_{name}"] = sum(accs.values()) / len(accs)
-        out.update({f"probe_{name}_{a}": v for a, v in accs.items()})
-        print0(f"probe {name:<13} mean {out[f'probe_acc_{name}']:.3f} | "
-               + " ".join(f"{a} {v:.3f}" for a, v in accs.items()) + f" | {time.time() - t0:.0f}s", rt=rt)
-    chance = {a: 1 / len(c) for a, c in ATTRIBUTES.items() if f"probe_student_{a}" in out}
-    out["probe_chance"] = sum(chance.values()) / len(chance)
-    out.update({f"probe_chance_{a}": v for a, v in chance.items()})
-    student.train()
-    return out
 
 
 if __name__ == "__main__":

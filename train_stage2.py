@@ -20,21 +20,14 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-
-from common import (RunLog, WithLoss, barrier, build_optimizer, check, cleanup, compile_blocks, cosine_lr, distribute,
-                    load_checkpoint, model_state, optimizer_state, parse_config, print0, resume, run_summary,
-                    save_checkpoint, setup_runtime, training_loop, write_json)
-from data import (TOYWORLD, VideoTextDataset, WordPieceTokenizer, prepare_toyworld, random_mask, stage2_fields,
-                  train_loader)
-from losses import captioning_loss, contrastive_loss, matching_loss, mlm_loss
-from model import (Stage2Model, audio_preset, interpolate_pos_embed_time, load_beats, load_bert, param_table,
-                   text_preset, vision_preset)
+from checkpoints import load_beats, load_bert, load_video_encoder
+from common import (RunLog, WithLoss, barrier, build_optimizer, by_preset, check, cleanup, compile_blocks, cosine_lr,
+                    distribute, load_checkpoint, model_state, optimizer_state, parse_config, print0, resume,
+                    run_summary, save_checkpoint, setup_runtime, training_loop, write_json)
+from data import TOYWORLD, VideoTextDataset, WordPieceTokenizer, prepare_toyworld, stage2_fields, train_loader
+from losses import AUDIO_LOSSES, STAGE2_LOSSES, stage2_objective
+from model import VISION_PRESETS, Stage2Model, audio_preset, param_table, text_preset, vision_preset
 from pretrain_toys import pretrain_toy_bert
-
-LOSSES = ("vtc", "vtm", "mlm", "atc", "avtc", "avtm", "avmlm")
-AUDIO_LOSSES = ("atc", "avtc", "avtm", "avmlm")
 
 
 @dataclass
@@ -42,7 +35,7 @@ class Stage2Config:
     # data
     data: str = TOYWORLD            # folder with train.jsonl and val.jsonl (ToyWorld is generated if missing)
     vocab: str = ""                 # BERT vocab.txt; "" = <data>/vocab.txt (ToyWorld writes one)
-    max_text_len: int = 0           # tokens per caption with [CLS]/[SEP]; 0 = 32 (1B) / 40 (with audio), toy 24
+    max_text_len: int = 0           # tokens per caption with [CLS]/[SEP]; 0 = by preset
     skip_bad_samples: bool = False  # replace unreadable samples by the next one, count and report them
     workers: int = 1                # DataLoader worker processes
     hflip: bool = False             # random horizontal flip (the official flips; ToyWorld's directions forbid it)
@@ -55,30 +48,30 @@ class Stage2Config:
     num_frames: int = 4             # frames per clip (FACTS 2.1)
     img_size: int = 0               # 0 = the preset's
     drop_path: float = -1.0         # -1 = the preset's
-    embed_dim: int = 0              # contrastive width; 0 = 512 (video only) or 768 (with audio), toy 96
-    av_dim: int = 0                 # width of the audio+video memory; 0 = 768, toy 96
+    contrastive_dim: int = 0              # contrastive width; 0 = by preset
+    av_dim: int = 0                 # width of the audio+video memory; 0 = by preset
     init_from: str = ""             # stage-1 checkpoint (its student), or a stage-2 checkpoint (everything)
     text_ckpt: str = ""             # BERT state dict (HF names); toy: "" = out/text/toy_bert.pt, trained if missing
     random_text: bool = False       # start the text encoder from random weights (tests)
     audio_ckpt: str = ""            # BEATs checkpoint ({'cfg', 'model'}) for the audio encoder
     train_audio: bool = False       # train the audio encoder (the official 6B recipe freezes it)
     # losses (FACTS 2.6)
-    mask_ratio: float = -1.0        # random video masking for every loss in training; -1 = 0.8 (official), toy 0.5
+    mask_ratio: float = -1.0        # random video masking for every loss in training; -1 = by preset
     mlm_prob: float = 0.5           # masked-LM masking rate (80/10/10 split)
     mlm_mode: str = "mlm"           # mlm (official) | causal (autoregressive captioning, the write-ups' version)
     w_vtc: float = 1.0              # video-text contrastive
     w_vtm: float = 1.0              # video-text matching with hard negatives
     w_mlm: float = 1.0              # masked LM on the video
-    w_atc: float = -1.0             # audio-text contrastive; -1 = 0 (official) for full presets, 1 for toy
+    w_atc: float = -1.0             # audio-text contrastive; -1 = by preset
     w_avtc: float = 1.0             # audio+video-text contrastive
     w_avtm: float = 1.0             # audio+video-text matching
     w_avmlm: float = 1.0            # masked LM on audio+video
-    captions: str = ""              # loss:caption_key pairs; "" = official (all avs_caption with audio, else caption), toy mixes
+    captions: str = ""              # loss:caption_key pairs, e.g. vtc:caption; the losses not named: by preset
     # optimisation (FACTS 2.8)
     batch_size: int = 32            # clips per process and step (official 64; no accumulation, see the docstring)
     max_steps: int = 300            # optimizer steps (0 = only evaluate --init_from)
     warmup_steps: int = 30          # warmup from 0.01 lr
-    lr: float = -1.0                # peak lr; -1 = 5e-5 (FACTS 2.8), toy 1e-3
+    lr: float = -1.0                # peak lr; -1 = by preset
     min_lr_ratio: float = 0.01      # cosine floor and warmup start, as a fraction of lr
     weight_decay: float = 0.05      # not on 1-D params, biases, temp, pos/cls
     beta2: float = 0.98             # AdamW betas (0.9, beta2), eps 1e-8
@@ -101,108 +94,41 @@ class Stage2Config:
 
     grad_accum = 1                  # fixed: see the docstring
 
+    # Defaults that depend on the recipe, (toy, 1B: video only, 6B: audio-visual). The 1B and 6B columns
+    # are the official configs (FACTS 2.1, 2.6, 2.8); toy: 16 patches a frame hide the object at 80%
+    # masking, and ToyWorld evaluates text -> video, -> audio and -> audio+video (README, differences).
+    BY_PRESET = {
+        "lr": (1e-3, 5e-5, 5e-5), "mask_ratio": (0.5, 0.8, 0.8), "w_atc": (1.0, 0.0, 0.0),
+        "contrastive_dim": (96, 512, 768), "av_dim": (96, 768, 768), "max_text_len": (24, 32, 40),
+        "captions": ("vtc:caption,vtm:caption,mlm:caption,atc:audio_caption,avtc:avs_caption,avtm:avs_caption,"
+                     "avmlm:avs_caption", ",".join(f"{n}:caption" for n in STAGE2_LOSSES),
+                     ",".join(f"{n}:avs_caption" for n in STAGE2_LOSSES))}
+
     def validate(self):
-        toy = self.preset == "toy"
         check(self.mlm_mode in ("mlm", "causal"), f"--mlm_mode must be mlm or causal, got {self.mlm_mode!r}")
-        check(self.mask_ratio < 1.0, f"--mask_ratio must be in [0, 1), got {self.mask_ratio}")
         check(0.0 < self.mlm_prob < 1.0, f"--mlm_prob must be in (0, 1), got {self.mlm_prob}")
         check(self.batch_size > 0 and self.max_steps >= 0, "--batch_size must be > 0 and --max_steps >= 0")
-        check(self.audio in ("toy", "beats-base", "none"), f"--audio must be toy, beats-base or none, got {self.audio!r}")
+        check(self.audio in ("toy", "beats-base", "none"), f"--audio must be toy, beats-base or none, not {self.audio!r}")
+        check(self.preset in VISION_PRESETS, f"--preset must be one of {list(VISION_PRESETS)}, got {self.preset!r}")
         check(not (self.resume and self.init_from and self.max_steps), "use --resume or --init_from, not both")
-        if self.lr < 0:
-            self.lr = 1e-3 if toy else 5e-5
-        if self.mask_ratio < 0:     # the toy grid has 16 patches a frame: at 80% the object is often all hidden
-            self.mask_ratio = 0.5 if toy else 0.8
-        if self.w_atc < 0:
-            self.w_atc = 1.0 if toy else 0.0
-        if not self.embed_dim:
-            self.embed_dim = 96 if toy else (768 if self.audio != "none" else 512)
-        if not self.av_dim:
-            self.av_dim = 96 if toy else 768
-        if not self.max_text_len:
-            self.max_text_len = 24 if toy else (40 if self.audio != "none" else 32)
-        if not self.captions:
-            if toy:      # ToyWorld evaluates text->video, text->audio and text->audio+video retrieval
-                self.captions = ("vtc:caption,vtm:caption,mlm:caption,atc:audio_caption,"
-                                 "avtc:avs_caption,avtm:avs_caption,avmlm:avs_caption")
-            else:        # official: 6B uses avs_captions for every loss, 1B its only caption
-                key = "avs_caption" if self.audio != "none" else "caption"
-                self.captions = ",".join(f"{l}:{key}" for l in LOSSES)
-        pairs = dict(p.split(":") for p in self.captions.split(","))
-        check(set(pairs) <= set(LOSSES), f"--captions names unknown losses {sorted(set(pairs) - set(LOSSES))}")
-        self.caption_of = pairs
+        pairs = [p.split(":") for p in self.captions.split(",")] if self.captions else []
+        check(all(len(p) == 2 for p in pairs), f"--captions wants loss:caption_key pairs, got {self.captions!r}")
+        check(set(dict(pairs)) <= set(STAGE2_LOSSES), f"--captions names unknown losses "
+              f"{sorted(set(dict(pairs)) - set(STAGE2_LOSSES))}; the losses are {list(STAGE2_LOSSES)}")
+        self.captions = ""                      # the recipe's mapping, then the pairs given on top of it
+        by_preset(self, self.BY_PRESET, 0 if self.preset == "toy" else (2 if self.audio != "none" else 1))
+        self.captions = ",".join(f"{k}:{v}" for k, v in {**self.caption_map(), **dict(pairs)}.items())
+        check(0.0 <= self.mask_ratio < 1.0, f"--mask_ratio must be in [0, 1), got {self.mask_ratio}")
+        check(self.lr > 0, f"--lr must be positive, got {self.lr}")
+
+    def caption_map(self):
+        """{loss: caption key} from --captions."""
+        return dict(p.split(":") for p in self.captions.split(","))
 
     def weights(self):
         """Enabled losses -> weight; audio losses only when there is an audio encoder."""
-        w = {name: getattr(self, f"w_{name}") for name in LOSSES}
+        w = {name: getattr(self, f"w_{name}") for name in STAGE2_LOSSES}
         return {k: v for k, v in w.items() if v and (self.audio != "none" or k not in AUDIO_LOSSES)}
-
-
-def stage2_loss_fn(cfg, rt, tok):
-    """(model, batch) -> (loss, parts). Every loss reads the 80%-masked video (FACTS 6.12); the text
-    tower runs once per caption type in use; the temperature is clamped first (FACTS 2.6)."""
-    weights = cfg.weights()
-
-    def loss_fn(model, batch):
-        dev = rt.device
-        with torch.no_grad():
-            model.temp.clamp_(0.001, 0.5)
-        temp = model.temp
-        video = batch["video"].to(dev, non_blocking=True)
-        visible = random_mask(batch["mask_noise"].to(dev), cfg.mask_ratio)
-        v_mem, v_emb = model.encode_video(video, visible)
-        texts = {}
-        for key in {cfg.caption_of[name] for name in weights}:
-            t_ids, t_mask = batch[f"ids_{key}"].to(dev), batch[f"mask_{key}"].to(dev)
-            texts[key] = (t_ids, t_mask, *model.encode_text(t_ids, t_mask))    # ids, mask, states, emb
-        a_mem = a_emb = None
-        if any(name in AUDIO_LOSSES for name in weights):
-            a_mem, a_emb = model.encode_audio(batch["fbank"].to(dev))
-        parts = {}
-        for name, w in weights.items():
-            t_ids, t_mask, t_states, t_emb = texts[cfg.caption_of[name]]
-            ids = batch[f"pos_{cfg.caption_of[name]}"].to(dev)          # multi-positive sample ids
-            if name in ("vtc", "atc", "avtc"):
-                x = {"vtc": v_emb, "atc": a_emb, "avtc": model.fuse_av(a_emb, v_emb) if a_emb is not None else None}[name]
-                parts[name] = contrastive_loss(F.normalize(x, dim=-1), F.normalize(t_emb, dim=-1), temp, ids)
-            elif name in ("vtm", "avtm"):
-                mem, x, head = (v_mem, v_emb, "itm") if name == "vtm" else \
-                    (torch.cat([a_mem, v_mem], 1), model.fuse_av(a_emb, v_emb), "avtm")
-                match = lambda s, m, mm, head=head: model.match_logits(s, m, mm, head)
-                parts[name] = matching_loss(match, t_states, t_mask, mem, x, t_emb, temp, ids)
-            else:                                              # mlm / avmlm
-                mem = v_mem if name == "mlm" else torch.cat([a_mem, v_mem], 1)
-                parts[name] = (mlm_loss(model.text_encoder, t_ids, t_mask, mem, tok, cfg.mlm_prob)
-                               if cfg.mlm_mode == "mlm" else captioning_loss(model.text_encoder, t_ids, t_mask, mem))
-        return sum(weights[k] * v for k, v in parts.items()), parts
-    return loss_fn
-
-
-def load_stage1_into(model, path, num_frames, rt):
-    """The stage-1 -> stage-2 hand-off (FACTS 4.4): the student's encoder weights, position table
-    interpolated in time (8 -> 4 frames), distillation heads and their tables dropped. Every skipped
-    checkpoint key and every model key left at its fresh init is reported."""
-    ck = load_checkpoint(path)
-    if ck.get("stage") == 2:                                   # a stage-2 checkpoint: everything
-        model.load_state_dict(ck["model"])
-        print0(f"loaded the whole stage-2 model from {path}", rt=rt)
-        return
-    state, t_old = dict(ck["model"]), ck.get("model_config", {}).get("num_frames", num_frames)
-    tubelet = ck.get("model_config", {}).get("tubelet_size", 1)
-    enc = model.vision_encoder
-    state["pos_embed"] = interpolate_pos_embed_time(state["pos_embed"], t_old // tubelet, num_frames // tubelet)
-    skipped = sorted(k for k in state if k not in enc.state_dict())
-    for k in skipped:
-        state.pop(k)
-    missing = sorted(set(enc.state_dict()) - set(state))
-    if missing:
-        raise KeyError(f"{path} lacks vision-encoder weights {missing[:10]}")
-    enc.load_state_dict(state)
-    heads = sorted({k.split(".")[0] for k in skipped})
-    others = sorted({k.split(".")[0] for k in model.state_dict() if not k.startswith("vision_encoder.")})
-    print0(f"stage-1 hand-off from {path}: loaded all {len(enc.state_dict())} vision-encoder tensors "
-           f"(pos_embed {t_old} -> {num_frames} frames); skipped {len(skipped)} keys of {heads}; "
-           f"not in a stage-1 checkpoint: {others}", rt=rt)
 
 
 def main(argv=None):
@@ -223,16 +149,17 @@ def main(argv=None):
     check(len(tok) <= tcfg.vocab_size, f"the vocabulary has {len(tok)} tokens, the text encoder {tcfg.vocab_size}")
     acfg = None if cfg.audio == "none" else audio_preset(cfg.audio)
     weights = cfg.weights()
-    keys = sorted({cfg.caption_of[name] for name in weights})
+    keys = sorted({cfg.caption_map()[name] for name in weights})
     audio_frames = acfg.frames if acfg and any(n in AUDIO_LOSSES for n in weights) else 0
     T, Np = vcfg.grid[0], vcfg.grid[1] * vcfg.grid[2]
     train_set = VideoTextDataset(Path(cfg.data) / "train.jsonl", cfg.num_frames, vcfg.img_size, train=True,
                                  seed=cfg.seed, skip_bad=cfg.skip_bad_samples, noise_grid=(T, Np),
                                  crop_scale=(cfg.crop_scale, 1.0), hflip=cfg.hflip,
-                                 extra=stage2_fields(tok, keys, cfg.max_text_len, audio_frames, True, cfg.resample_audio))
+                                 extra=stage2_fields(tok, keys, cfg.max_text_len, audio_frames, True,
+                                                     cfg.resample_audio))
 
     # ---- model, optimizer, resume ------------------------------------------------------------
-    model = Stage2Model(vcfg, tcfg, acfg, cfg.embed_dim, cfg.av_dim)
+    model = Stage2Model(vcfg, tcfg, acfg, cfg.contrastive_dim, cfg.av_dim)
     if cfg.text == "toy" and not cfg.random_text:           # the toy stand-in for bert-*-uncased
         cfg.text_ckpt = cfg.text_ckpt or "out/text/toy_bert.pt"
         if rt.master and not Path(cfg.text_ckpt).exists():
@@ -248,7 +175,12 @@ def main(argv=None):
     if acfg and not cfg.train_audio:
         model.audio_encoder.requires_grad_(False)               # frozen, but in train mode like the official
     if cfg.init_from:
-        load_stage1_into(model, cfg.init_from, cfg.num_frames, rt)
+        ck = load_checkpoint(cfg.init_from)
+        if ck.get("stage") == 2:                                   # a stage-2 checkpoint: everything
+            model.load_state_dict(ck["model"])
+            print0(f"loaded the whole stage-2 model from {cfg.init_from}", rt=rt)
+        else:                                                      # the hand-off: its video encoder
+            load_video_encoder(model, ck, cfg.init_from, log=lambda msg: print0(msg, rt=rt))
     model.to(rt.device)
     model.vision_encoder.grad_ckpt_blocks = cfg.grad_ckpt_blocks
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, (0.9, cfg.beta2), 1e-8, model.no_weight_decay(),
@@ -259,12 +191,14 @@ def main(argv=None):
     global_batch = cfg.batch_size * rt.world
     print0(f"stage 2: vision {cfg.preset}, text {cfg.text}, audio {cfg.audio}"
            f"{' (frozen)' if acfg and not cfg.train_audio else ''}\n{param_table(model)}\n"
-           f"losses {weights} | captions {cfg.caption_of} | {rt.device} {rt.dtype} world {rt.world} "
+           f"losses {weights} | captions {cfg.caption_map()} | {rt.device} {rt.dtype} world {rt.world} "
            f"| global batch {global_batch} | lr {cfg.lr:.2e}", rt=rt)
 
     if cfg.compile:
         compile_blocks(model)
-    wrapped = WithLoss(model, stage2_loss_fn(cfg, rt, tok))
+    settings = dict(tok=tok, weights=weights, captions=cfg.caption_map(), mask_ratio=cfg.mask_ratio,
+                    mlm_prob=cfg.mlm_prob, mlm_mode=cfg.mlm_mode)
+    wrapped = WithLoss(model, lambda model, batch: stage2_objective(model, batch, **settings))
     wrapped = distribute(wrapped, rt, find_unused=True)
 
     # ---- train ---------------------------------------------------------------------------------
@@ -273,7 +207,7 @@ def main(argv=None):
             "stage": 2, "step": step, "model": model_state(model), "optimizer": optimizer_state(model, optimizer),
             "scaler": scaler.state_dict() if scaler else None, "config": asdict(cfg),
             "model_config": {"vision": asdict(vcfg), "text": asdict(model.text_encoder.cfg),
-                             "audio": asdict(acfg) if acfg else None, "embed_dim": cfg.embed_dim,
+                             "audio": asdict(acfg) if acfg else None, "contrastive_dim": cfg.contrastive_dim,
                              "av_dim": cfg.av_dim}, "nan_skips": nan_skips}, rt)
 
     result = {"history": [], "n_bad": 0, "step": step, "nan_skips": 0}

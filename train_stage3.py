@@ -26,16 +26,16 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-import torch.nn.functional as F
 
-from common import (RunLog, WithLoss, barrier, build_optimizer, check, cleanup, compile_blocks, cosine_lr, distribute,
-                    load_checkpoint, model_state, optimizer_state, parse_config, print0, resume, run_summary,
-                    save_checkpoint, setup_runtime, shard, store_frozen, training_loop, write_json)
+from checkpoints import bert_key_map, load_llm, load_video_encoder, qformer_from_bert
+from common import (RunLog, WithLoss, barrier, build_optimizer, by_preset, check, cleanup, compile_blocks, cosine_lr,
+                    distribute, load_checkpoint, model_state, optimizer_state, parse_config, print0, resume,
+                    run_summary, save_checkpoint, setup_runtime, shard, store_frozen, training_loop, write_json)
 from data import (TOYWORLD, VideoTextDataset, WordPieceTokenizer, load_llm_tokenizer, prepare_toyworld, stage3_fields,
                   train_loader, video_index)
-from losses import answer_loss, contrastive_loss, matching_loss, next_token_loss
-from model import (LLM_PRESETS, QFORMER_PRESETS, Stage3Model, add_lora, bert_key_map, interpolate_pos_embed_time,
-                   load_llm, param_table, text_preset, vision_preset, qformer_from_bert)
+from losses import stage3_objective
+from model import (LLM_PRESETS, QFORMER_PRESETS, VISION_PRESETS, Stage3Model, add_lora, param_table, text_preset,
+                   vision_preset)
 from pretrain_toys import pretrain_toy_bert, pretrain_toy_llm
 
 
@@ -46,7 +46,7 @@ class Stage3Config:
     vocab: str = ""                 # BERT vocab.txt for the Q-Former's text; "" = <data>/vocab.txt
     llm_tokenizer: str = ""         # toy:<vocab.txt> | sentencepiece:<tokenizer.model> | tiktoken:<name>; "" = toy
     max_text_len: int = 24          # Q-Former text tokens (instruction, caption)
-    max_llm_len: int = 0            # LLM sequence length; 0 = 512 (official), toy 48
+    max_llm_len: int = 0            # LLM sequence length; 0 = by preset
     skip_bad_samples: bool = False  # replace unreadable samples by the next one, count and report them
     workers: int = 0                # DataLoader worker processes
     crop_scale: float = 0.8         # smallest random-resized-crop area
@@ -54,7 +54,7 @@ class Stage3Config:
     preset: str = "toy"             # vision: toy | S | B | L | 1B | 6B
     qformer: str = "toy"            # toy | base (96 queries, cross-attention every 2nd layer)
     llm: str = "toy"                # toy | mistral-7b
-    frames: tuple = ()              # frames per clip in sub-stages 1-3; () = (4, 4, 8) official (FACTS 3), toy (4, 4, 4)
+    frames: tuple = ()              # frames per clip in sub-stages 1-3; () = by preset
     img_size: int = 0               # 0 = the preset's
     init_from: str = ""             # stage-2 checkpoint (video encoder, pos-embed 4 -> 8 frames) or a stage-3 one
     qformer_bert: str = ""          # BERT state dict (HF names) for the Q-Former; toy: "" = out/text/toy_bert.pt
@@ -66,7 +66,7 @@ class Stage3Config:
     # schedule (FACTS 3: lr 1e-4, 1e-4, 2e-5; wd 0.02; betas (0.9, 0.999))
     substage: int = 0               # 1 | 2 | 3; 0 = all three in order
     steps: tuple = (80, 120, 220)   # optimizer steps of sub-stages 1, 2, 3 (set them for your data)
-    lrs: tuple = ()                 # peak lr of each sub-stage; () = (1e-4, 1e-4, 2e-5), toy (1e-3, 1e-3, 1e-3)
+    lrs: tuple = ()                 # peak lr of each sub-stage; () = by preset
     warmup_frac: float = 0.1        # warmup steps as a fraction of each sub-stage
     min_lr_ratio: float = 0.1       # cosine floor as a fraction of the peak (official 0.25 in sub-stage 3)
     weight_decay: float = 0.02
@@ -89,94 +89,23 @@ class Stage3Config:
     eval: bool = True               # held-out QA and captioning at the end
     eval_batch: int = 64            # clips per evaluation batch
 
+    # Defaults that depend on the preset, (toy, full). Full: the official recipe (FACTS 3); toy: the coarse
+    # toy position table does not survive 4 -> 8 frames, and the toy networks train at a higher lr.
+    BY_PRESET = {"lrs": ((1e-3, 1e-3, 1e-3), (1e-4, 1e-4, 2e-5)), "frames": ((4, 4, 4), (4, 4, 8)),
+                 "max_llm_len": (48, 512)}
+
     def validate(self):
-        toy = self.llm == "toy"
         check(self.substage in (0, 1, 2, 3), f"--substage must be 0 (all), 1, 2 or 3, got {self.substage}")
+        check(self.preset in VISION_PRESETS, f"--preset must be one of {list(VISION_PRESETS)}, got {self.preset!r}")
         check(self.qformer in QFORMER_PRESETS, f"--qformer must be one of {list(QFORMER_PRESETS)}")
         check(self.llm in LLM_PRESETS, f"--llm must be one of {list(LLM_PRESETS)}")
         check(len(self.steps) == 3 and all(s >= 0 for s in self.steps), "--steps wants three step counts")
         check(self.batch_size > 0 and self.grad_accum > 0, "--batch_size and --grad_accum must be positive")
         check(not self.fsdp or self.substage, "--fsdp runs one sub-stage per invocation (--substage=1, 2 or 3): "
               "LoRA and the frame count change the parameters between sub-stages")
-        if not self.lrs:
-            self.lrs = (1e-3, 1e-3, 1e-3) if toy else (1e-4, 1e-4, 2e-5)
-        if not self.frames:         # the toy's position table is too coarse to survive 4 -> 8 frames before 3
-            self.frames = (4, 4, 4) if self.preset == "toy" else (4, 4, 8)
+        by_preset(self, self.BY_PRESET, 0 if self.preset == "toy" else 1)
         check(len(self.lrs) == 3, "--lrs wants three learning rates")
         check(len(self.frames) == 3 and all(f > 0 for f in self.frames), "--frames wants three frame counts")
-        if not self.max_llm_len:
-            self.max_llm_len = 48 if toy else 512
-
-
-def set_trainable(model, substage):
-    """Sub-stage 1: the Q-Former and its heads. 2: + video encoder and projection, LLM frozen.
-    3: + LoRA adapters on the frozen LLM (FACTS 3)."""
-    model.requires_grad_(False)
-    for m in (model.qformer, model.vision_proj, model.text_proj, model.itm_head):
-        m.requires_grad_(True)
-    model.temp.requires_grad_(True)
-    if substage >= 2:
-        for m in (model.vision_encoder, model.vision_layernorm, model.llm_proj):
-            m.requires_grad_(True)
-    if substage == 3:
-        for name, p in model.llm.named_parameters():
-            p.requires_grad_("lora_" in name)
-
-
-def substage_loss_fn(substage, cfg, rt, video_at):
-    """(model, batch) -> (loss, parts) for one sub-stage."""
-    def loss_fn(model, batch):
-        dev = rt.device
-        video = batch["video"].to(dev, non_blocking=True)
-        with torch.set_grad_enabled(substage >= 2 and torch.is_grad_enabled()):
-            tokens = model.video_tokens(video)                              # frozen in sub-stage 1
-        if substage == 1:                                                   # BLIP-2 style alignment
-            with torch.no_grad():
-                model.temp.clamp_(0.001, 0.5)
-            ids, mask, sid = batch["ids_caption"].to(dev), batch["mask_caption"].to(dev), batch["pos_caption"].to(dev)
-            q, _ = model.qformer(tokens, mode="query")
-            v_emb = model.vision_proj(q)                                    # (B, Q, E): one per query
-            t_emb = model.text_proj(model.qformer(None, ids, mask, mode="text")[1][:, 0])
-            vtc = contrastive_loss(F.normalize(v_emb, dim=-1), F.normalize(t_emb, dim=-1), model.temp, sid)
-            match = lambda i, m, vid: model.itm_head(model.qformer(vid, i, m, mode="joint")[0]).mean(1)
-            vtm = matching_loss(match, ids, mask, tokens, v_emb, t_emb, model.temp, sid)
-            cap = next_token_loss(model.qformer.lm_logits(model.qformer(tokens, ids, mask, mode="caption")[1]), ids, mask)
-            return vtc + vtm + cap, {"vtc": vtc, "vtm": vtm, "cap": cap}
-        instr = (batch["qf_ids"].to(dev), batch["qf_mask"].to(dev)) if cfg.qformer_text_input else (None, None)
-        visual = model.visual_embeds(tokens, *instr)
-        ids, mask = batch["llm_ids"].to(dev), batch["llm_mask"].to(dev)
-        logits, _ = model.llm(model.chat_embeds(ids, visual, video_at), mask)
-        loss = answer_loss(logits, batch["llm_labels"].to(dev))
-        return loss, {"answer": loss}
-    return loss_fn
-
-
-def load_stage2_into(model, path, num_frames, rt):
-    """The stage-2 -> stage-3 hand-off: the vision encoder, position table interpolated in time
-    (4 -> 8 frames; FACTS 3, 4.4). A stage-3 checkpoint loads everything instead."""
-    ck = load_checkpoint(path)
-    if ck.get("stage") == 3:
-        if ck.get("lora") and not any("lora_" in k for k in model.state_dict()):
-            add_lora(model.llm, **ck["lora"])
-        # the checkpoint's frame count (e.g. sub-stage 2's 4 before sub-stage 3's 8); the sub-stage loop
-        # then resizes the position table exactly as a run that did both sub-stages in one go
-        model.vision_encoder.set_num_frames(ck.get("model_config", {}).get("vision", {}).get("num_frames", num_frames))
-        model.load_state_dict(ck["model"])
-        print0(f"loaded the whole stage-3 model from {path}", rt=rt)
-        return
-    prefix = "vision_encoder." if ck.get("stage") == 2 else ""
-    state = {k[len(prefix):]: v for k, v in ck["model"].items() if k.startswith(prefix)}
-    mc = ck.get("model_config", {})
-    t_old = (mc.get("vision") or mc).get("num_frames", num_frames)
-    state["pos_embed"] = interpolate_pos_embed_time(state["pos_embed"], t_old, num_frames)
-    enc = model.vision_encoder
-    skipped = sorted(k for k in state if k not in enc.state_dict())
-    missing = sorted(set(enc.state_dict()) - set(state))
-    if missing:
-        raise KeyError(f"{path} lacks vision-encoder weights {missing[:10]}")
-    enc.load_state_dict({k: v for k, v in state.items() if k in enc.state_dict()})
-    print0(f"stage-{ck.get('stage')} hand-off from {path}: loaded all {len(enc.state_dict())} vision-encoder "
-           f"tensors (pos_embed {t_old} -> {num_frames} frames); skipped {len(skipped)} keys", rt=rt)
 
 
 def main(argv=None):
@@ -209,15 +138,23 @@ def main(argv=None):
     barrier(rt)
     if qbert:
         hf = load_checkpoint(qbert)
-        ours = {k: hf[v] for k, v in bert_key_map(text_preset("bert-base", layers=qcfg.layers, fusion_layer=qcfg.layers)).items()
-                if v in hf}
+        bert = text_preset("bert-base", depth=qcfg.depth, fusion_layer=qcfg.depth)
+        ours = {k: hf[v] for k, v in bert_key_map(bert).items() if v in hf}
         fresh = qformer_from_bert(model.qformer, ours)
         print0(f"Q-Former from {qbert}: {len(fresh)} tensors left fresh (queries, cross-attention)", rt=rt)
     if llm_ckpt:
         load_llm(model.llm, load_checkpoint(llm_ckpt))
         print0(f"LLM from {llm_ckpt}", rt=rt)
     if cfg.init_from:
-        load_stage2_into(model, cfg.init_from, vcfg.num_frames, rt)
+        ck = load_checkpoint(cfg.init_from)
+        if ck.get("stage") == 3:                   # everything, at its own frame count (e.g. sub-stage 2's
+            if ck.get("lora"):                     # 4 before 3's 8); the sub-stage loop then resizes the
+                add_lora(model.llm, **ck["lora"])  # table as a run that did both sub-stages in one go
+            model.vision_encoder.set_num_frames(ck["model_config"]["vision"]["num_frames"])
+            model.load_state_dict(ck["model"])
+            print0(f"loaded the whole stage-3 model from {cfg.init_from}", rt=rt)
+        else:                                      # the hand-off: its video encoder
+            load_video_encoder(model, ck, cfg.init_from, log=lambda msg: print0(msg, rt=rt))
     model.to(rt.device)
     if not cfg.fsdp:        # FSDP2 shards the fp32 weights instead (and wants one dtype per block)
         store_frozen(model.llm.requires_grad_(False), rt.frozen_dtype)
@@ -243,8 +180,9 @@ def main(argv=None):
         if sub == 3 and not any("lora_" in k for k in model.state_dict()):
             add_lora(model.llm, **lora_kw)
             model.to(rt.device)
-        set_trainable(model, sub)
-        wrapped = WithLoss(model, substage_loss_fn(sub, cfg, rt, video_at))
+        model.set_trainable(sub)
+        wrapped = WithLoss(model, lambda model, batch, sub=sub: stage3_objective(
+            model, batch, substage=sub, video_at=video_at, qformer_text_input=cfg.qformer_text_input))
         if cfg.fsdp:
             shard(wrapped, rt)                               # after LoRA and the frame change, before the optimizer
         optimizer = build_optimizer(model, cfg.lrs[sub - 1], cfg.weight_decay, (0.9, 0.999), 1e-8,

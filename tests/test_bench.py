@@ -45,3 +45,17 @@ def test_flop_counts_match_the_official_stage1_networks():
             video[:, :, ::2], visible).values()).backward()) / 1e12
     assert clip == pytest.approx(24.6, rel=0.02) and mae == pytest.approx(5.1, rel=0.02)
     assert stu == pytest.approx(2.75, rel=0.02)
+
+
+def test_nothing_imports_a_stage_script():
+    """The house's arrows point down: bench.py, evaluate.py and every library module reach the
+    stage objectives through losses.py, never through a training script (lazy imports included)."""
+    import ast
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    scripts = {"train_stage1", "train_stage2", "train_stage3", "chat"}
+    for path in sorted(root.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module] if isinstance(node, ast.ImportFrom) else [])
+            assert not scripts & {n.split(".")[0] for n in names if n}, f"{path.name} imports {names}"

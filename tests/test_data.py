@@ -1,4 +1,4 @@
-"""data.py: ToyWorld, the reader and its errors, frame sampling, the resumable sampler, masking."""
+"""data.py: ToyWorld, the reader and its errors, frame sampling, the resumable sampler."""
 import json
 import shutil
 
@@ -7,8 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from data import (DataError, StepSampler, VideoTextDataset, attention_mask, collate, frame_indices, load_jsonl,
-                  make_toyworld, random_mask, read_frames, tube_mask)
+from data import DataError, StepSampler, VideoTextDataset, collate, frame_indices, load_jsonl, make_toyworld, read_frames
 
 
 def test_toyworld_is_deterministic_and_in_the_real_format(toyworld, tmp_path):
@@ -106,39 +105,3 @@ def test_step_sampler_splits_global_batches_and_resumes():
     assert [next(resumed) for _ in range(5)] == [next(fresh) for _ in range(5)]
     with pytest.raises(DataError, match="fewer than one global micro-batch"):
         StepSampler(3, 4)
-
-
-def test_attention_mask_counts_and_cls():
-    B, T, Np, ratio = 3, 4, 16, 0.8
-    attn = torch.rand(B * T, Np)
-    vis = attention_mask(attn, torch.rand(B, T, Np), ratio)
-    n = Np - int(ratio * Np)
-    assert vis.shape == (B, 1 + T * n) and torch.all(vis[:, 0] == 0)
-    assert torch.all(vis[:, 1:].diff(dim=1) > 0)                        # sorted, no repeats
-    frames = (vis[:, 1:] - 1) // Np
-    for t in range(T):
-        assert torch.all((frames == t).sum(1) == n)                      # exactly n per frame
-
-
-def test_attention_mask_samples_without_replacement_in_proportion_to_attention():
-    """The first pick of weighted sampling without replacement has P(i) = w_i / sum(w); with ratio
-    such that one patch is kept, the kept patch is exactly that first pick."""
-    torch.manual_seed(0)
-    w = torch.tensor([8.0, 4.0, 2.0, 1.0, 1.0, 0.5, 0.25, 0.25])
-    n = 40000
-    vis = attention_mask(w.expand(n, 8), torch.rand(n, 1, 8), ratio=7 / 8)
-    freq = torch.bincount(vis[:, 1] - 1, minlength=8).float() / n
-    torch.testing.assert_close(freq, w / w.sum(), atol=0.01, rtol=0)
-    vis = attention_mask(w.expand(n, 8), torch.rand(n, 1, 8), ratio=0.5)    # keep 4: top weights favoured
-    kept = torch.bincount((vis[:, 1:] - 1).flatten(), minlength=8).float() / n
-    assert kept[0] > 0.95 and torch.all(kept.diff() <= 0.02)
-
-
-def test_tube_and_random_masks():
-    noise = torch.rand(2, 4, 16)
-    vis = tube_mask(noise, 0.75)
-    spatial = ((vis[:, 1:] - 1) % 16).view(2, 4, 4)
-    assert torch.all(spatial == spatial[:, :1])                         # the same patches in every frame
-    vis = random_mask(noise, 0.8)
-    assert vis.shape == (2, 1 + 64 - int(0.8 * 64)) and torch.all(vis[:, 0] == 0)
-    assert torch.all(vis[:, 1:].diff(dim=1) > 0)

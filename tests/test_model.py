@@ -1,13 +1,13 @@
-"""model.py: the attention primitive, the video encoder's masked forward, position tables, and the
-official shapes and parameter counts (meta device)."""
+"""model.py: the attention primitive, the video encoder's masked forward, position tables, the
+masking generators, and the official shapes and parameter counts (meta device)."""
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from model import (InternVideo2, attend, count_params, interpolate_pos_embed_time, sincos_1d, sincos_3d,
-                   vision_preset)
+from model import (InternVideo2, attend, attention_mask, count_params, interpolate_pos_embed_time, random_mask,
+                   sincos_1d, sincos_3d, tube_mask, vision_preset)
 
 
 def reference_attention(q, k, v, mask=None, causal=False):
@@ -60,7 +60,7 @@ def test_masked_forward_equals_forward_over_visible_tokens_alone():
     p = cfg.patch_size                                       # (B, 3, T, H, W) -> (B, T*H*W, 3*p*p) tokens
     patches = video.unfold(3, p, p).unfold(4, p, p)          # (B, 3, T, h, w, p, p)
     patches = patches.permute(0, 2, 3, 4, 1, 5, 6).reshape(B, -1, 3 * p * p)
-    w = m.patch_embed.proj.weight.reshape(cfg.embed_dim, -1)
+    w = m.patch_embed.proj.weight.reshape(cfg.dim, -1)
     tokens = torch.cat([m.cls_token.expand(B, -1, -1), patches @ w.t() + m.patch_embed.proj.bias], 1)
     tokens = (tokens + m.pos_embed)[torch.arange(B)[:, None], visible]
     for blk in m.blocks:
@@ -171,3 +171,39 @@ def test_activation_checkpointing_gives_the_same_gradients():
         grads.append([p.grad.clone() for p in m.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
+
+
+def test_attention_mask_counts_and_cls():
+    B, T, Np, ratio = 3, 4, 16, 0.8
+    attn = torch.rand(B * T, Np)
+    vis = attention_mask(attn, torch.rand(B, T, Np), ratio)
+    n = Np - int(ratio * Np)
+    assert vis.shape == (B, 1 + T * n) and torch.all(vis[:, 0] == 0)
+    assert torch.all(vis[:, 1:].diff(dim=1) > 0)                        # sorted, no repeats
+    frames = (vis[:, 1:] - 1) // Np
+    for t in range(T):
+        assert torch.all((frames == t).sum(1) == n)                      # exactly n per frame
+
+
+def test_attention_mask_samples_without_replacement_in_proportion_to_attention():
+    """The first pick of weighted sampling without replacement has P(i) = w_i / sum(w); with ratio
+    such that one patch is kept, the kept patch is exactly that first pick."""
+    torch.manual_seed(0)
+    w = torch.tensor([8.0, 4.0, 2.0, 1.0, 1.0, 0.5, 0.25, 0.25])
+    n = 40000
+    vis = attention_mask(w.expand(n, 8), torch.rand(n, 1, 8), ratio=7 / 8)
+    freq = torch.bincount(vis[:, 1] - 1, minlength=8).float() / n
+    torch.testing.assert_close(freq, w / w.sum(), atol=0.01, rtol=0)
+    vis = attention_mask(w.expand(n, 8), torch.rand(n, 1, 8), ratio=0.5)    # keep 4: top weights favoured
+    kept = torch.bincount((vis[:, 1:] - 1).flatten(), minlength=8).float() / n
+    assert kept[0] > 0.95 and torch.all(kept.diff() <= 0.02)
+
+
+def test_tube_and_random_masks():
+    noise = torch.rand(2, 4, 16)
+    vis = tube_mask(noise, 0.75)
+    spatial = ((vis[:, 1:] - 1) % 16).view(2, 4, 4)
+    assert torch.all(spatial == spatial[:, :1])                         # the same patches in every frame
+    vis = random_mask(noise, 0.8)
+    assert vis.shape == (2, 1 + 64 - int(0.8 * 64)) and torch.all(vis[:, 0] == 0)
+    assert torch.all(vis[:, 1:].diff(dim=1) > 0)

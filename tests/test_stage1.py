@@ -13,7 +13,8 @@ from conftest import run_two_ranks, save_result
 from data import VideoTextDataset, train_loader
 from model import InternVideo2, vision_preset
 from teachers import build_teachers
-from train_stage1 import Stage1Config, main, stage1_loss_fn
+from losses import stage1_objective
+from train_stage1 import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,12 +61,11 @@ def test_resume_is_bit_identical(toyworld, tmp_path):
 def _one_sgd_step(toyworld, rt, micro_batch, accum, model_wrap=lambda m: m, fsdp=False):
     """One train_step with SGD(lr=1): the parameter change is minus the (averaged) gradient.
     With fsdp the student is FSDP2-sharded first; rank 0 returns the change, the others {}."""
-    cfg = Stage1Config(data=str(toyworld))
     torch.manual_seed(0)
     teachers = build_teachers("toy", "toy")
     student = InternVideo2(vision_preset("toy"), with_heads=True)
     before = {k: v.clone() for k, v in student.state_dict().items()}
-    model = WithLoss(student, stage1_loss_fn(teachers, cfg, rt))
+    model = WithLoss(student, lambda student, batch: stage1_objective(student, teachers, batch))
     if fsdp:
         shard(model, rt)
     ds = VideoTextDataset(Path(toyworld) / "train.jsonl", 16, 32, train=True, noise_grid=(8, 16))

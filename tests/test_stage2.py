@@ -12,8 +12,9 @@ import torch.nn.functional as F
 
 from data import DataError, WordPieceTokenizer, kaldi_fbank, load_fbank, resample
 from losses import captioning_loss, hard_negatives, mask_tokens, matching_loss
-from model import (AudioEncoder, InternVideo2, Stage2Model, TextEncoder, audio_preset, bert_key_map, count_params,
-                   load_beats, load_bert, text_preset, vision_preset)
+from checkpoints import bert_key_map, load_beats, load_bert
+from model import (AudioEncoder, InternVideo2, Stage2Model, TextEncoder, audio_preset, count_params, text_preset,
+                   vision_preset)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -139,12 +140,12 @@ def test_beats_loads_from_the_official_layout():
     for k, v in src.state_dict().items():
         k = k.replace("encoder.pos_conv.", "encoder.pos_conv.0.")
         if k == "encoder.relative_attention_bias.weight":
-            for i in range(cfg.layers):                          # every layer carries the shared table
+            for i in range(cfg.depth):                          # every layer carries the shared table
                 official[f"encoder.layers.{i}.self_attn.relative_attention_bias.weight"] = v
             continue
         official[k] = v
-    ck = {"cfg": {"encoder_embed_dim": cfg.dim, "encoder_layers": cfg.layers, "encoder_attention_heads": cfg.heads,
-                  "encoder_ffn_embed_dim": cfg.ffn, "embed_dim": cfg.embed, "conv_pos": cfg.pos_conv,
+    ck = {"cfg": {"encoder_embed_dim": cfg.dim, "encoder_layers": cfg.depth, "encoder_attention_heads": cfg.heads,
+                  "encoder_ffn_embed_dim": cfg.mlp_dim, "embed_dim": cfg.patch_dim, "conv_pos": cfg.pos_conv,
                   "conv_pos_groups": cfg.pos_conv_groups, "num_buckets": cfg.num_buckets,
                   "max_distance": cfg.max_distance}, "model": official}
     loaded = load_beats(ck).eval()
@@ -170,6 +171,24 @@ def test_hard_negatives_are_never_positives():
     loss = matching_loss(match, torch.randn(1, 3, 4), torch.ones(1, 3), torch.randn(1, 2, 4), v, torch.randn(1, 4),
                          0.07, torch.tensor([0]))                              # a batch of one: positives only
     assert torch.isfinite(loss)
+
+
+def test_matching_gradients_are_the_same_every_run():
+    """Hard negatives repeat rows; gathering them with x[idx] summed the repeats in a thread-dependent
+    order on CPUs (stage 2 differed from run to run). The same step must give the same bits."""
+    torch.manual_seed(0)
+    memory, states = torch.randn(64, 33, 96, requires_grad=True), torch.randn(64, 5, 96, requires_grad=True)
+    W = torch.randn(33, 96)
+    match = lambda s, m, mem: torch.stack([s.sum((1, 2)), (mem * W).sum((1, 2))], 1)
+    v_emb = torch.randn(64, 16)
+    t_emb = v_emb[:1] + 0.01 * torch.randn(64, 16)            # clip 0 is every caption's hardest negative
+    grads = []
+    for _ in range(20):
+        torch.manual_seed(1)                                   # the same negatives every time
+        memory.grad = states.grad = None
+        matching_loss(match, states, torch.ones(64, 5), memory, v_emb, t_emb, 0.07, torch.arange(64)).backward()
+        grads.append(memory.grad.clone())
+    assert all(torch.equal(g, grads[0]) for g in grads)
 
 
 def test_retrieval_recall_rerank_and_match_margins():
@@ -214,15 +233,14 @@ def test_mlm_masking_rates_and_never_masked_tokens():
 
 
 def test_stage1_to_stage2_hand_off_loads_every_encoder_weight(tmp_path):
-    from train_stage2 import load_stage1_into
-    from common import Runtime
+    from checkpoints import load_video_encoder
     from dataclasses import asdict
     torch.manual_seed(0)
     vcfg1 = vision_preset("toy")
     student = InternVideo2(vcfg1, with_heads=True)
     torch.save({"stage": 1, "model": student.state_dict(), "model_config": asdict(vcfg1)}, tmp_path / "s1.pt")
     model = Stage2Model(vision_preset("toy", num_frames=4), text_preset("toy", vocab_size=40), audio_preset("toy"), 96, 96)
-    load_stage1_into(model, tmp_path / "s1.pt", 4, Runtime(torch.device("cpu"), torch.float32))
+    load_video_encoder(model, torch.load(tmp_path / "s1.pt", weights_only=False))
     enc, src = model.vision_encoder.state_dict(), student.state_dict()
     for k, v in enc.items():
         if k != "pos_embed":

@@ -6,7 +6,6 @@ from dataclasses import asdict, replace
 import pytest
 import torch
 
-from common import Runtime
 from data import ToyLLMTokenizer, WordPieceTokenizer, build_chat, video_index
 from losses import answer_loss
 from model import (LLM, LLM_PRESETS, LLMAttention, QFORMER_PRESETS, LoRALinear, Stage2Model, Stage3Model, add_lora,
@@ -111,10 +110,7 @@ def _stage3(vocab=40, llm_vocab=60):
 
 
 def test_frozen_parts_get_no_gradient_in_each_substage():
-    from train_stage3 import Stage3Config, set_trainable, substage_loss_fn
-    cfg = Stage3Config()
-    cfg.validate()
-    rt = Runtime(torch.device("cpu"), torch.float32)
+    from losses import stage3_objective
     B, Q = 3, 16
     batch = {"video": torch.randn(B, 3, 8, 32, 32), "idx": torch.arange(B), "pos_caption": torch.arange(B),
              "ids_caption": torch.randint(5, 40, (B, 6)), "mask_caption": torch.ones(B, 6, dtype=torch.long),
@@ -126,9 +122,9 @@ def test_frozen_parts_get_no_gradient_in_each_substage():
     for sub in (1, 2, 3):
         if sub == 3:
             add_lora(model.llm)
-        set_trainable(model, sub)
+        model.set_trainable(sub)
         model.zero_grad(set_to_none=True)
-        loss, _ = substage_loss_fn(sub, cfg, rt, video_at=3)(model, batch)
+        loss, _ = stage3_objective(model, batch, substage=sub, video_at=3)
         loss.backward()
         grads = {n: p.grad for n, p in model.named_parameters()}
         frozen = [n for n in grads if (n.startswith("vision_encoder.") and sub == 1)
@@ -142,13 +138,13 @@ def test_frozen_parts_get_no_gradient_in_each_substage():
 
 
 def test_stage2_to_stage3_hand_off_loads_the_encoder(tmp_path):
-    from train_stage3 import load_stage2_into
+    from checkpoints import load_video_encoder
     torch.manual_seed(0)
     vcfg2 = vision_preset("toy", num_frames=4)
     s2 = Stage2Model(vcfg2, text_preset("toy", vocab_size=40), audio_preset("toy"), 96, 96)
     torch.save({"stage": 2, "model": s2.state_dict(), "model_config": {"vision": asdict(vcfg2)}}, tmp_path / "s2.pt")
     model = _stage3()
-    load_stage2_into(model, tmp_path / "s2.pt", 8, Runtime(torch.device("cpu"), torch.float32))
+    load_video_encoder(model, torch.load(tmp_path / "s2.pt", weights_only=False))
     src, enc = s2.vision_encoder.state_dict(), model.vision_encoder.state_dict()
     for k, v in enc.items():
         if k != "pos_embed":

@@ -1,0 +1,180 @@
+"""checkpoints.py: checkpoints in, our modules out, and a report of every key that was not used.
+
+  load_video_encoder   the one hand-off between stages: the InternVideo2 encoder of a stage-1, 2 or 3
+                       checkpoint into a stage-2 or stage-3 model, its position table resized in time
+  bert_key_map / load_bert      Hugging Face / official BERT (`BertForMaskedLM`) into TextEncoder
+  load_beats                    the official BEATs checkpoint ({'cfg', 'model'}) into AudioEncoder
+  qformer_from_bert             a BERT of the same width into the Q-Former (VideoChat2's start)
+  llm_key_map / load_llm        Hugging Face Mistral / LLaMA into LLM
+
+model.py holds the networks; this file holds how other people's files map onto them. The teachers'
+own layouts load in teachers.py (load_teacher).
+"""
+import re
+
+from model import AudioEncoder, TextConfig, audio_preset, interpolate_pos_embed_time
+
+
+def key_names(keys):
+    """Keys with their block indices folded, for one-line reports: 'blocks.*.attn.qkv.weight (x40)'."""
+    groups = {}
+    for k in keys:
+        g = re.sub(r"(?<=\.)\d+(?=\.)", "*", k)
+        groups[g] = groups.get(g, 0) + 1
+    return ", ".join(f"{g} (x{n})" if n > 1 else g for g, n in groups.items()) or "none"
+
+
+def load_video_encoder(model, ck, source="checkpoint", log=print):
+    """The stage hand-off (FACTS 4.4): the video encoder of a stage-1 checkpoint (the student itself,
+    flat keys) or of a stage-2/3 one (under `vision_encoder.`) into model.vision_encoder, the position
+    table linearly interpolated in time to the encoder's frame count (stage 1 -> 2: 8 -> 4 frames;
+    2 -> 3: 4 -> 8). Every encoder weight must be there with its shape (KeyError naming the misfits).
+    ck: a loaded checkpoint dict. Logs, and returns, every checkpoint key it skips and every model
+    key it leaves fresh: {"loaded", "skipped", "fresh"}, lists of names."""
+    enc = model.vision_encoder
+    own = enc.state_dict()
+    stage, prefix = ck.get("stage"), "" if ck.get("stage") == 1 else "vision_encoder."
+    state = {k[len(prefix):]: v for k, v in ck["model"].items() if k.startswith(prefix)}
+    mc = ck.get("model_config", {})
+    vc = mc.get("vision") or mc                                  # stage 2/3 nest it, stage 1 does not
+    tub = vc.get("tubelet_size", enc.cfg.tubelet_size)
+    t_old, t_new = vc.get("num_frames", enc.cfg.num_frames) // tub, enc.cfg.grid[0]
+    if "pos_embed" in state:
+        state["pos_embed"] = interpolate_pos_embed_time(state["pos_embed"], t_old, t_new)
+    missing = [k for k in own if k not in state]
+    bad = [f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in state
+           and state[k].shape != own[k].shape]
+    if missing or bad:
+        raise KeyError(f"{source} does not fit the video encoder: missing {missing[:10]}, wrong shapes {bad[:10]}")
+    enc.load_state_dict({k: state[k] for k in own})
+    skipped = sorted(k for k in ck["model"] if not k.startswith(prefix) or k[len(prefix):] not in own)
+    parts = {}                                                   # other networks: by part, with counts
+    for k in skipped:
+        if not k.startswith(prefix):
+            parts[k.split(".")[0]] = parts.get(k.split(".")[0], 0) + 1
+    inside = [k for k in skipped if k.startswith(prefix)]
+    fresh = sorted(k for k in model.state_dict() if not k.startswith("vision_encoder."))
+    log(f"stage-{stage} hand-off from {source}: loaded all {len(own)} video-encoder tensors (pos_embed {t_old} -> "
+        f"{t_new} frames); skipped {len(inside)} of its keys: {key_names(inside)}"
+        + "".join(f"; skipped {n} keys of {part}" for part, n in parts.items())
+        + f"; not from this checkpoint: {sorted({k.split('.')[0] for k in fresh})}")
+    return {"loaded": sorted(own), "skipped": skipped, "fresh": fresh}
+
+
+def bert_key_map(cfg: TextConfig):
+    """{our key: official key} for a `BertForMaskedLM` state dict (Hugging Face `bert-*-uncased`, and
+    the stage-2 checkpoints' `text_encoder.` part; FACTS 4.2). Cross-attention exists only in layers
+    >= fusion_layer and is new (random) when loading a plain BERT."""
+    m = {"word_emb.weight": "bert.embeddings.word_embeddings.weight",
+         "pos_emb.weight": "bert.embeddings.position_embeddings.weight",
+         "type_emb.weight": "bert.embeddings.token_type_embeddings.weight",
+         "emb_norm.weight": "bert.embeddings.LayerNorm.weight", "emb_norm.bias": "bert.embeddings.LayerNorm.bias",
+         "mlm_dense.weight": "cls.predictions.transform.dense.weight",
+         "mlm_dense.bias": "cls.predictions.transform.dense.bias",
+         "mlm_norm.weight": "cls.predictions.transform.LayerNorm.weight",
+         "mlm_norm.bias": "cls.predictions.transform.LayerNorm.bias", "mlm_bias": "cls.predictions.bias"}
+    names = {"attn": "attention", "cross": "crossattention"}
+    for i in range(cfg.depth):
+        p = f"bert.encoder.layer.{i}."
+        for ours, theirs in names.items():
+            if ours == "cross" and i < cfg.fusion_layer:
+                continue
+            for a, b in (("q", "query"), ("k", "key"), ("v", "value")):
+                for t in ("weight", "bias"):
+                    m[f"layers.{i}.{ours}.{a}.{t}"] = f"{p}{theirs}.self.{b}.{t}"
+            for t in ("weight", "bias"):
+                m[f"layers.{i}.{ours}.o.{t}"] = f"{p}{theirs}.output.dense.{t}"
+                m[f"layers.{i}.{ours}_norm.{t}"] = f"{p}{theirs}.output.LayerNorm.{t}"
+        for t in ("weight", "bias"):
+            m[f"layers.{i}.fc1.{t}"] = f"{p}intermediate.dense.{t}"
+            m[f"layers.{i}.fc2.{t}"] = f"{p}output.dense.{t}"
+            m[f"layers.{i}.ffn_norm.{t}"] = f"{p}output.LayerNorm.{t}"
+    return m
+
+
+def load_bert(text_encoder, state, prefix=""):
+    """Load an official/Hugging Face BERT state dict (keys after `prefix`) through bert_key_map.
+    Shapes must match (KeyError naming each mismatch). Returns the list of our keys the checkpoint
+    did not have (the new cross-attention when loading a plain BERT), so callers can report them."""
+    own = text_encoder.state_dict()
+    fresh, bad, new = [], [], {}
+    for ours, theirs in bert_key_map(text_encoder.cfg).items():
+        src = state.get(prefix + theirs)
+        if src is None and theirs.startswith("bert."):       # `text_encoder.X` renaming (FACTS 4.2)
+            src = state.get(prefix + theirs[len("bert."):])
+        if src is None:
+            fresh.append(ours)
+        elif src.shape != own[ours].shape:
+            bad.append(f"{prefix + theirs}: {tuple(src.shape)} vs {tuple(own[ours].shape)}")
+        else:
+            new[ours] = src
+    if bad:
+        raise KeyError(f"BERT checkpoint does not fit: {bad[:10]}")
+    text_encoder.load_state_dict(new, strict=False)
+    return fresh
+
+
+def load_beats(state_or_ckpt):
+    """Build an AudioEncoder from an official BEATs checkpoint ({'cfg': ..., 'model': state}) and
+    load it; missing or mis-shaped keys raise KeyError naming them."""
+    ck = state_or_ckpt
+    state, ocfg = ck.get("model", ck), ck.get("cfg", {})
+    names = {"encoder_embed_dim": "dim", "encoder_layers": "depth", "encoder_attention_heads": "heads",
+             "encoder_ffn_embed_dim": "mlp_dim", "embed_dim": "patch_dim", "input_patch_size": "patch",
+             "conv_pos": "pos_conv", "conv_pos_groups": "pos_conv_groups", "deep_norm": "deep_norm",
+             "num_buckets": "num_buckets", "max_distance": "max_distance", "gru_rel_pos": "gru_rel_pos"}
+    over = {ours: ocfg[theirs] for theirs, ours in names.items() if theirs in ocfg}
+    if ocfg.get("relative_position_embedding") is False:
+        over["num_buckets"] = 0
+    enc = AudioEncoder(audio_preset("beats-base", **over))
+    state = {k.replace("encoder.pos_conv.0.", "encoder.pos_conv.")
+              .replace("encoder.layers.0.self_attn.relative_attention_bias", "encoder.relative_attention_bias"): v
+             for k, v in state.items() if ".relative_attention_bias" not in k or "layers.0." in k}
+    own = enc.state_dict()
+    missing = [k for k in own if k not in state]
+    bad = [k for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or bad:
+        raise KeyError(f"BEATs checkpoint does not fit: missing {missing[:10]}, wrong shapes {bad[:10]}")
+    enc.load_state_dict({k: state[k] for k in own})
+    return enc
+
+
+def qformer_from_bert(qformer, bert_state):
+    """Initialise the Q-Former from a BERT with the same width, as VideoChat2 starts from
+    bert-base-uncased: embeddings, self-attention, FFN (copied to the query FFN too) and the MLM head
+    of layer i go to Q-Former layer i; cross-attention and queries stay fresh. bert_state uses
+    TextEncoder key names. Returns the Q-Former keys left fresh."""
+    own, new = qformer.state_dict(), {}
+    for k, v in bert_state.items():
+        if ".cross" in k:
+            continue
+        targets = [k.replace("mlm_", "lm_")]
+        if k.startswith("layers.") and (".fc" in k or "ffn_norm" in k):
+            parts = k.split(".")
+            targets.append(".".join(parts[:2] + [parts[2] + "_q"] + parts[3:]))
+        for t in targets:
+            if t in own and own[t].shape == v.shape:
+                new[t] = v
+    qformer.load_state_dict(new, strict=False)
+    return sorted(set(own) - set(new))
+
+
+def llm_key_map(llm):
+    """{our key: Hugging Face Mistral/LLaMA key}: the same names under `model.`, except lm_head."""
+    return {k: (k if k.startswith("lm_head") else "model." + k) for k in llm.state_dict()}
+
+
+def load_llm(llm, state):
+    """Load a Hugging Face Mistral/LLaMA state dict (e.g. the merged safetensors of Mistral-7B);
+    missing or mis-shaped keys raise KeyError naming them."""
+    own, new, bad = llm.state_dict(), {}, []
+    for ours, theirs in llm_key_map(llm).items():
+        if theirs not in state:
+            bad.append(f"missing {theirs}")
+        elif state[theirs].shape != own[ours].shape:
+            bad.append(f"{theirs}: {tuple(state[theirs].shape)} vs {tuple(own[ours].shape)}")
+        else:
+            new[ours] = state[theirs]
+    if bad:
+        raise KeyError(f"LLM checkpoint does not fit: {bad[:10]}")
+    llm.load_state_dict(new)
