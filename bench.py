@@ -224,9 +224,8 @@ def build_stage2(cfg, rt, parts):
         S, L, dev = vcfg.img_size, cfg.text_len, rt.device
         ids = torch.randint(5, tcfg.vocab_size, (B, L), device=dev)   # full-length captions: the worst case
         ids[:, 0] = 2
-        out = {"video": torch.randn(B, 3, cfg.num_frames, S, S, device=dev),
-               "mask_noise": torch.rand(B, T, Np, device=dev), "ids_caption": ids,
-               "mask_caption": torch.ones(B, L, dtype=torch.long, device=dev),
+        out = {"video": torch.randn(B, 3, cfg.num_frames, S, S, device=dev), "ids_caption": ids,
+               "mask_noise": torch.rand(B, T, Np, device=dev), "mask_caption": torch.ones_like(ids),
                "pos_caption": torch.arange(B, device=dev)}
         if acfg:
             out["fbank"] = torch.randn(B, acfg.frames, acfg.mel_bins, device=dev)
@@ -347,8 +346,7 @@ def bench_stage(cfg):
         "parts_s": {k: statistics.median(v) for k, v in parts.times.items()},
         "peak_mem_gib": (torch.cuda.max_memory_allocated() / 2 ** 30 if rt.device.type == "cuda"
                          else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20),
-        "loss_finite": all(math.isfinite(x) for x in losses),
-        "build_s": build_s, "warmup_s": warm_s,
+        "loss_finite": all(math.isfinite(x) for x in losses), "build_s": build_s, "warmup_s": warm_s,
     }
     if sub_flops:
         res["tflops_per_clip_parts"] = {k: v / cfg.batch_size / 1e12 for k, v in sub_flops.items()}

@@ -12,7 +12,7 @@ own layouts load in teachers.py (load_teacher).
 """
 import re
 
-from model import AudioEncoder, TextConfig, audio_preset, interpolate_pos_embed_time
+from model import AudioEncoder, TextConfig, audio_preset, interpolate_pos_embed_time, text_preset
 
 
 def key_names(keys):
@@ -48,16 +48,12 @@ def load_video_encoder(model, ck, source="checkpoint", log=print):
         raise KeyError(f"{source} does not fit the video encoder: missing {missing[:10]}, wrong shapes {bad[:10]}")
     enc.load_state_dict({k: state[k] for k in own})
     skipped = sorted(k for k in ck["model"] if not k.startswith(prefix) or k[len(prefix):] not in own)
-    parts = {}                                                   # other networks: by part, with counts
-    for k in skipped:
-        if not k.startswith(prefix):
-            parts[k.split(".")[0]] = parts.get(k.split(".")[0], 0) + 1
-    inside = [k for k in skipped if k.startswith(prefix)]
     fresh = sorted(k for k in model.state_dict() if not k.startswith("vision_encoder."))
+    part = lambda k: k.split(".")[0] + (".*" if "." in k else "")                     # other networks: by part
+    names = [k if k.startswith(prefix) else part(k) for k in skipped]
     log(f"stage-{stage} hand-off from {source}: loaded all {len(own)} video-encoder tensors (pos_embed {t_old} -> "
-        f"{t_new} frames); skipped {len(inside)} of its keys: {key_names(inside)}"
-        + "".join(f"; skipped {n} keys of {part}" for part, n in parts.items())
-        + f"; not from this checkpoint: {sorted({k.split('.')[0] for k in fresh})}")
+        f"{t_new} frames); skipped {len(skipped)} keys: {key_names(names)}; not from this checkpoint: "
+        f"{key_names(part(k) for k in fresh)}")
     return {"loaded": sorted(own), "skipped": skipped, "fresh": fresh}
 
 
@@ -139,13 +135,14 @@ def load_beats(state_or_ckpt):
     return enc
 
 
-def qformer_from_bert(qformer, bert_state):
-    """Initialise the Q-Former from a BERT with the same width, as VideoChat2 starts from
-    bert-base-uncased: embeddings, self-attention, FFN (copied to the query FFN too) and the MLM head
-    of layer i go to Q-Former layer i; cross-attention and queries stay fresh. bert_state uses
-    TextEncoder key names. Returns the Q-Former keys left fresh."""
+def qformer_from_bert(qformer, hf_state):
+    """Initialise the Q-Former from a BERT state dict of the same width (Hugging Face names), as
+    VideoChat2 starts from bert-base-uncased: embeddings, self-attention, FFN (copied to the query FFN
+    too) and the MLM head of layer i go to Q-Former layer i; cross-attention and queries stay fresh.
+    Returns the Q-Former keys left fresh."""
+    key_map = bert_key_map(text_preset("bert-base", depth=qformer.cfg.depth, fusion_layer=qformer.cfg.depth))
     own, new = qformer.state_dict(), {}
-    for k, v in bert_state.items():
+    for k, v in ((ours, hf_state[theirs]) for ours, theirs in key_map.items() if theirs in hf_state):
         if ".cross" in k:
             continue
         targets = [k.replace("mlm_", "lm_")]

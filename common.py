@@ -287,6 +287,24 @@ def set_lr(optimizer, lr):
         g["lr"] = lr
 
 
+def fit(desc, params, loss_at, steps, lr, weight_decay=0.01, betas=(0.9, 0.999), history=None, verbose=True):
+    """The small AdamW loop (warmup over a tenth, cosine to lr / 100) that pre-trains the toy teachers
+    and stand-ins; not the stages' loop. loss_at(step) -> loss. Returns the last loss as a float."""
+    from tqdm import tqdm
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas)
+    history = [] if history is None else history
+    bar = tqdm(range(steps), desc=desc, file=sys.stdout, disable=not verbose, dynamic_ncols=True, mininterval=0.5)
+    for step in bar:
+        set_lr(opt, cosine_lr(step, steps, max(1, steps // 10), lr, lr / 100))
+        loss = loss_at(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        history.append(loss.item())
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    return loss.item()
+
+
 # ------------------------------------------------------------------------------------------------
 # speed: regional compilation, half-precision storage of frozen weights
 
@@ -434,8 +452,7 @@ class NanGuard:
 # checkpoints and resume state
 
 def rng_state():
-    return {"cpu": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
 def set_rng_state(s):
@@ -619,6 +636,19 @@ class RunLog:
         if self.rt.master:
             with open(self.path, "a") as f:
                 f.write(msg + "\n")
+
+
+def finish(out_dir, metrics, rt, show, log=None):
+    """The end of every stage run: rank 0 writes <out_dir>/metrics.json (and its log line) and prints
+    the headline figures, the float metrics whose names pass show(name); every rank then leaves DDP."""
+    if rt.master:
+        write_json(Path(out_dir) / "metrics.json", metrics)
+        if log:
+            log(f"metrics {metrics}")
+        print0(f"metrics -> {Path(out_dir) / 'metrics.json'}: " + ", ".join(
+            f"{k} {v:.3f}" for k, v in metrics.items() if show(k) and isinstance(v, float)))
+    cleanup(rt)
+    return metrics
 
 
 def write_json(path, obj):

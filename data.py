@@ -160,11 +160,9 @@ def toyworld_sample(split, i, seed):
     pitch, timbre = PITCHES[a["size"]][0], TIMBRES[a["shape"]]
     rhythm = "slowly" if a["speed"] == "slowly" else "quickly"
     video_caption = VIDEO_TEMPLATES[int(rng.integers(len(VIDEO_TEMPLATES)))].format(**a)
+    name = f"{split}_{i:05d}"
     sample = {
-        "id": f"{split}_{i:05d}",
-        "video": f"videos/{split}_{i:05d}.webp",
-        "audio": f"audio/{split}_{i:05d}.flac",
-        "caption": video_caption,
+        "id": name, "video": f"videos/{name}.webp", "audio": f"audio/{name}.flac", "caption": video_caption,
         "audio_caption": f"a {pitch} {timbre} beeping {rhythm}, then a voice speaks",
         "asr": " ".join(a["words"]),
         "avs_caption": (f"a {a['size']} {a['color']} {a['shape']} moving {a['direction']} {a['speed']} "
@@ -459,16 +457,14 @@ def train_loader(dataset, micro_batch, rank, world, seed, start, workers):
     sampler = StepSampler(len(dataset), micro_batch, rank, world, seed, start)
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
                                        collate_fn=collate, persistent_workers=False,
-                                       pin_memory=torch.cuda.is_available(),
-                                       prefetch_factor=4 if workers else None)
+                                       pin_memory=torch.cuda.is_available(), prefetch_factor=4 if workers else None)
 
 
 def eval_loader(dataset, batch_size, rank=0, world=1, workers=0):
     """Sequential loader over this rank's shard (indices rank, rank + world, ...)."""
     idx = list(range(rank, len(dataset), world))
     batches = [idx[i:i + batch_size] for i in range(0, len(idx), batch_size)]
-    return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers,
-                                       collate_fn=collate)
+    return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -561,15 +557,12 @@ class WordPieceTokenizer:
             ids[b, :len(toks)] = torch.tensor(toks)
         return ids, (ids != self.pad_id).long()
 
-    def decode(self, ids):
+    def decode(self, ids, specials=SPECIALS):
         words = []
-        for i in ids:
-            tok = self.itos[int(i)]
-            if tok in SPECIALS:
-                continue
+        for tok in (self.itos[int(i)] for i in ids):
             if tok.startswith("##") and words:
                 words[-1] += tok[2:]
-            else:
+            elif tok not in specials:
                 words.append(tok)
         return " ".join(words)
 
@@ -726,16 +719,8 @@ class ToyLLMTokenizer:
         return ids
 
     def decode(self, ids):
-        words = []
-        for i in ids:
-            tok = self.itos[int(i)]
-            if tok in self.SPECIALS:
-                continue
-            if tok.startswith("##") and words:
-                words[-1] += tok[2:]
-            else:
-                words.append(tok)
-        return " ".join(words).replace(" .", ".").replace(" ?", "?").replace(" ,", ",")
+        text = WordPieceTokenizer.decode(self, ids, self.SPECIALS)          # the same ## joining
+        return text.replace(" .", ".").replace(" ?", "?").replace(" ,", ",")
 
 
 class SentencePieceTokenizer:
@@ -854,10 +839,8 @@ def stage3_fields(llm_tok, bert_tok, substage, n_visual, max_llm_len, max_text_l
 if __name__ == "__main__":
     import argparse
     p = argparse.ArgumentParser(description="Write ToyWorld in the real JSONL format.")
-    p.add_argument("--out", default="data/toyworld")
-    p.add_argument("--n_train", type=int, default=2000)
-    p.add_argument("--n_val", type=int, default=500)
-    p.add_argument("--seed", type=int, default=0)
+    for name, default in (("out", "data/toyworld"), ("n_train", 2000), ("n_val", 500), ("seed", 0)):
+        p.add_argument(f"--{name}", type=type(default), default=default)
     a = p.parse_args()
     import time
     t0 = time.time()

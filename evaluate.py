@@ -100,13 +100,10 @@ def evaluate_stage1(student, teachers, cfg, vcfg, rt):
     torch.manual_seed(cfg.seed)
     random_init = InternVideo2(vcfg).to(rt.device).eval()
     student.eval()
-    dev = rt.device
-    feature_fns = {
-        "student": lambda b: student(b["video"].to(dev)[:, :, ::2]),
-        "random_init": lambda b: random_init(b["video"].to(dev)[:, :, ::2]),
-        "teacher_clip": lambda b: teachers.clip(b["video"].to(dev)[:, :, ::2])["clip_final"],
-        "teacher_mae": lambda b: teachers.mae.forward_features(b["video"].to(dev)).mean(1),
-    }
+    even = lambda b: b["video"].to(rt.device)[:, :, ::2]          # the student and the image teacher's frames
+    feature_fns = {"student": lambda b: student(even(b)), "random_init": lambda b: random_init(even(b)),
+                   "teacher_clip": lambda b: teachers.clip(even(b))["clip_final"],
+                   "teacher_mae": lambda b: teachers.mae.forward_features(b["video"].to(rt.device)).mean(1)}
     out, n_train = {}, min(cfg.probe_train_clips, len(sets["train"]))
     recs_train, recs_val = sets["train"].records[:n_train], sets["val"].records
     for name, fn in feature_fns.items():
@@ -136,18 +133,13 @@ def recall_at_k(sim, gt, ks=(1, 5, 10)):
     return {k: float((first_hit < k).float().mean()) for k in ks}
 
 
-def chance_r1(gt):
-    """Expected R@1 of a random ranking: mean over queries of (positives / gallery size)."""
-    return float(gt.float().mean(1).mean())
-
-
 def retrieval(prefix, sim, gt):
     """{prefix_r1, _r5, _r10, _r1_chance} for text->X (rows of sim) and X->text (columns)."""
     a, b = prefix.split("2")
     out = {}
     for name, s, g in ((prefix, sim, gt), (f"{b}2{a}", sim.t(), gt.t())):
         out.update({f"{name}_r{k}": v for k, v in recall_at_k(s, g).items()})
-        out[f"{name}_r1_chance"] = chance_r1(g)
+        out[f"{name}_r1_chance"] = float(g.float().mean(1).mean())    # a random ranking: positives / gallery
     return out
 
 

@@ -1,11 +1,8 @@
 """losses.py: each stage's objective and every loss term, as plain functions that work with or
 without torch.distributed initialised.
 
-  stage1_objective  student, teachers, batch -> (loss, parts): targets, mask, student, 2 - 2cos terms
-  stage2_objective  stage-2 model, batch -> (loss, parts): VTC/ATC/AVTC, VTM/AVTM, MLM/AVMLM
-  stage3_objective  stage-3 model, batch -> (loss, parts) of one sub-stage
+  stage1/2/3_objective         networks, batch, settings -> (loss, {term: value}): one step's loss
   distill_loss / stage1_loss   stage 1: 2 - 2cos between L2-normalised student and teacher features
-                               (FACTS 1.7), three weighted terms
   all_gather_with_grad         the one cross-rank gather: exact gradients (see its docstring)
   contrastive_loss             symmetric InfoNCE with multi-positive targets from sample ids, every
                                rank seeing every negative (toy CLIP teacher, VTC/ATC/AVTC, Q-Former)
@@ -13,12 +10,11 @@ without torch.distributed initialised.
   mlm_loss / captioning_loss   masked LM on the video (official), or the autoregressive alternative
   answer_loss                  stage 3: the LLM's next-token loss on answer tokens only
 
-Why objectives here and not a `forward` of each stage's model: stage 1's teachers must stay outside
-the student's module tree (never in its optimizer, DDP wrapper or checkpoint), so a stage-1 step is
-not one module's forward; a function of (networks, batch, settings) reads the same in all three
-stages, and the stage scripts, bench.py, the tests and a notebook all call that very function.
-The scripts wrap it as `common.WithLoss(model, fn)` only because DDP needs a module. A batch is a
-dict of tensors already on the networks' device (common.train_step moves it).
+Why objectives here and not a `forward` of each stage's model: stage 1's teachers stay outside the
+student's module tree (never in its optimizer, DDP wrapper or checkpoint), so its step is no one
+module's forward; a function of (networks, batch, settings) reads the same in every stage, and the
+scripts, bench.py, the tests and notebooks call that very function (the scripts wrap it in
+common.WithLoss only because DDP needs a module). A batch is a dict of tensors on the device.
 """
 import torch
 import torch.distributed as dist
@@ -52,13 +48,11 @@ def stage1_loss(student, targets, w_clip=1.0, w_clip_final=1.0, w_mae=1.0):
 
 def stage1_objective(student, teachers, batch, *, mask_type="attention", mask_ratio=0.8, w_clip=1.0,
                      w_clip_final=1.0, w_mae=1.0):
-    """One stage-1 step's loss (FACTS 1.5, 1.6, 1.9): the frozen teachers read the whole clip, the
-    mask picks the tokens the student sees, the student runs on those alone, and the teachers'
-    targets are gathered at the same slots.
-
-    student: InternVideo2 built with_heads; teachers: teachers.Teachers (or any callable giving the
-    same dict); batch: video (B, 3, 2T, H, W), mask_noise (B, T', Np). The video teacher reads all
-    2T frames, the image teacher and the student the T even ones. Returns (loss, {term: value})."""
+    """One stage-1 step's loss (FACTS 1.5, 1.6, 1.9): the frozen teachers read the whole clip (the video
+    teacher all 2T frames, the image teacher the T even ones), the mask picks the tokens the student
+    sees, the student runs on those alone, and the targets are gathered at the same slots.
+    student: InternVideo2 built with_heads; teachers: teachers.Teachers (or a callable giving its dict);
+    batch: video (B, 3, 2T, H, W), mask_noise (B, T', Np)."""
     video = batch["video"]
     target = teachers(video)                                   # no grad; every feature L2-normalised
     visible = make_mask(mask_type, batch["mask_noise"], mask_ratio, target["attn"])       # (B, 1 + Nv)
@@ -228,16 +222,12 @@ AUDIO_LOSSES = ("atc", "avtc", "avtm", "avmlm")
 
 def stage2_objective(model, batch, *, tok, weights=None, captions=None, mask_ratio=0.8, mlm_prob=0.5,
                      mlm_mode="mlm"):
-    """One stage-2 step's loss (FACTS 2.6). Every term reads the same randomly masked video (FACTS
-    6.12); the text tower runs once per caption type in use; the temperature is clamped first.
-
-    model: Stage2Model; batch: video (B, 3, T, H, W), mask_noise (B, T', Np), ids_<key>, mask_<key>
-    and pos_<key> (multi-positive sample ids) for every caption key in use, fbank (B, frames, mel)
-    with audio terms; tok: anything with the tokenizer's mask_id and cls_id (masked LM).
-    weights: {term: weight} over STAGE2_LOSSES; None = the official recipe: vtc, vtm, mlm, and with
-    an audio encoder avtc, avtm, avmlm, all 1 (FACTS 2.6). captions: {term: caption key}; a term it
-    does not name reads "caption". mlm_mode: "mlm" (official) or "causal" (captioning).
-    Returns (loss, {term: value})."""
+    """One stage-2 step's loss (FACTS 2.6): every term reads the same randomly masked video (FACTS
+    6.12), the text tower runs once per caption type, the temperature is clamped first.
+    batch: video (B, 3, T, H, W), mask_noise (B, T', Np), and ids_/mask_/pos_<key> (pos: multi-positive
+    sample ids) per caption key in use, fbank (B, frames, mel) for audio terms. tok: has mask_id and
+    cls_id. weights: {term: weight}; None = the official vtc, vtm, mlm (+ avtc, avtm, avmlm with audio),
+    all 1. captions: {term: caption key}, "caption" where unnamed. mlm_mode: mlm (official) | causal."""
     if weights is None:
         weights = dict.fromkeys(("vtc", "vtm", "mlm") + (("avtc", "avtm", "avmlm") if model.has_audio else ()), 1.0)
     unknown = sorted(set(weights) - set(STAGE2_LOSSES))
@@ -290,13 +280,11 @@ def answer_loss(logits, labels):
 
 
 def stage3_objective(model, batch, *, substage, video_at, qformer_text_input=True):
-    """One stage-3 step's loss for sub-stage 1, 2 or 3 (FACTS 3). model: Stage3Model; batch: video
-    (B, 3, T, H, W) and, for sub-stage 1, ids_caption / mask_caption / pos_caption (Q-Former text),
-    for 2-3 llm_ids / llm_mask / llm_labels (the chat, data.build_chat) and qf_ids / qf_mask (the
-    instruction the Q-Former reads when qformer_text_input). video_at: the first visual slot.
-    Sub-stage 1 (BLIP-2's alignment, video encoder frozen): query-caption contrastive (the best query
-    counts), matching with hard negatives, Q-Former captioning. Sub-stages 2-3: the LLM's next-token
-    loss on the answer tokens. Returns (loss, {term: value})."""
+    """One stage-3 step's loss (FACTS 3). Sub-stage 1 (BLIP-2's alignment, video encoder frozen):
+    query-caption contrastive (the best query counts), matching with hard negatives, Q-Former
+    captioning, from ids_/mask_/pos_caption. Sub-stages 2-3: the LLM's next-token loss on the answer
+    tokens of the chat llm_ids / llm_mask / llm_labels (data.build_chat), the Q-Former reading the
+    instruction qf_ids / qf_mask when qformer_text_input. video_at: the chat's first visual slot."""
     video = batch["video"]
     with torch.set_grad_enabled(substage >= 2 and torch.is_grad_enabled()):
         tokens = model.video_tokens(video)                              # frozen in sub-stage 1

@@ -5,6 +5,7 @@ Read top to bottom:
   primitives            RMSNorm, attend() (the one attention, on F.scaled_dot_product_attention),
                         Attention, Mlp, LayerScale, DropPath, Block, PatchEmbed, AttentionPool
   position tables       3-D sin-cos (FACTS 1.2), 1-D sinusoid (VideoMAE), temporal interpolation
+  token layout, masks   attention-guided, tube and random masking over CLS + t * Np + p tokens
   video encoder         InternVideo2: tubelet embedding, CLS, learnable pos-embed, pre-norm blocks
                         with RMSNorm + qk-norm + LayerScale, no final norm, attention-pooling head,
                         a masked forward over visible tokens only, and the stage-1 distillation heads.
@@ -36,6 +37,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 from torch.utils.checkpoint import checkpoint
 
 
@@ -103,10 +105,9 @@ class VisionConfig:
 # The 6B's drop path is 0.3 (FACTS 1.8). The toy preset is sized for a 2-core CPU (ToyWorld: 32 px,
 # 8 px patches, 16 patches per frame) and its heads match the toy teachers in teachers.py.
 VISION_PRESETS = {
-    "toy": VisionConfig(img_size=32, patch_size=8, dim=96, depth=4, heads=4, mlp_dim=384,
-                        drop_path=0.0, pool_heads=4, pool_dim=96, clip_teacher_dim=96,
-                        clip_teacher_final_dim=96, clip_return_layers=2, mae_teacher_dim=96,
-                        mae_return_layers=2),
+    "toy": VisionConfig(img_size=32, patch_size=8, dim=96, depth=4, heads=4, mlp_dim=384, drop_path=0.0, pool_heads=4,
+                        pool_dim=96, clip_teacher_dim=96, clip_teacher_final_dim=96, clip_return_layers=2,
+                        mae_teacher_dim=96, mae_return_layers=2),
     "S": VisionConfig(dim=384, depth=12, heads=6, mlp_dim=1536, drop_path=0.1),
     "B": VisionConfig(dim=768, depth=12, heads=12, mlp_dim=3072, drop_path=0.1),
     "L": VisionConfig(dim=1024, depth=24, heads=16, mlp_dim=4096, drop_path=0.2),
@@ -316,25 +317,15 @@ class AttentionPool(nn.Module):
         return (y.squeeze(1), w.squeeze(1)) if need_weights else y.squeeze(1)
 
 
-class LinearDecoder(nn.Module):
-    """Stage-1 head: Linear -> LayerNorm(eps 1e-5) -> L2 normalise (official `Linear_Decoder`)."""
+class Decoder(nn.Module):
+    """Stage-1 head: head -> LayerNorm(eps 1e-5) -> L2 normalise. The head is a Linear for the image
+    teacher (official `Linear_Decoder`), Linear -> GELU (exact) -> Linear for the video teacher
+    (`MLP_Decoder`; `head.1` is the GELU, so the Linears are `head.0` and `head.2` as in the checkpoint)."""
 
-    def __init__(self, dim_in, dim_out):
+    def __init__(self, dim_in, dim_out, mlp=False):
         super().__init__()
-        self.head = nn.Linear(dim_in, dim_out)
-        self.norm = nn.LayerNorm(dim_out, eps=1e-5)
-
-    def forward(self, x):
-        return F.normalize(self.norm(self.head(x)), dim=-1)
-
-
-class MLPDecoder(nn.Module):
-    """Stage-1 MAE head: Linear -> GELU (exact) -> Linear -> LayerNorm -> L2 (official `MLP_Decoder`;
-    `head.1` is the GELU, so the Linears are `head.0` and `head.2` as in the checkpoint)."""
-
-    def __init__(self, dim_in, dim_out):
-        super().__init__()
-        self.head = nn.Sequential(nn.Linear(dim_in, dim_in), nn.GELU(), nn.Linear(dim_in, dim_out))
+        self.head = (nn.Sequential(nn.Linear(dim_in, dim_in), nn.GELU(), nn.Linear(dim_in, dim_out)) if mlp
+                     else nn.Linear(dim_in, dim_out))
         self.norm = nn.LayerNorm(dim_out, eps=1e-5)
 
     def forward(self, x):
@@ -394,12 +385,9 @@ def interpolate_pos_embed_time(pos, t_old, t_new, cls_token=True):
     if t_old == t_new:
         return pos
     cls, grid = (pos[:, :1], pos[:, 1:]) if cls_token else (pos[:, :0], pos)
-    D = grid.shape[-1]
-    hw = grid.shape[1] // t_old
-    g = grid.reshape(1, t_old, hw, D).permute(0, 2, 3, 1).reshape(hw, D, t_old)      # (HW, D, T)
+    g = rearrange(grid, "1 (t n) d -> n d t", t=t_old)                               # (HW, D, T)
     g = F.interpolate(g.float(), size=t_new, mode="linear").to(pos.dtype)
-    g = g.reshape(1, hw, D, t_new).permute(0, 3, 1, 2).reshape(1, t_new * hw, D)
-    return torch.cat([cls, g], dim=1)
+    return torch.cat([cls, rearrange(g, "n d t -> 1 (t n) d")], dim=1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -485,11 +473,11 @@ class InternVideo2(nn.Module):
         if with_heads:                                       # FACTS 1.6, table
             self.clip_pos_embed = nn.Parameter(torch.zeros(1, N + 1, D))
             self.mae_pos_embed = nn.Parameter(torch.zeros(1, N, D))
-            self.clip_decoder = nn.ModuleList(LinearDecoder(D, cfg.clip_teacher_dim)
+            self.clip_decoder = nn.ModuleList(Decoder(D, cfg.clip_teacher_dim)
                                               for _ in range(cfg.clip_return_layers))
-            self.final_clip_decoder = (LinearDecoder(cfg.pool_dim, cfg.clip_teacher_final_dim)
+            self.final_clip_decoder = (Decoder(cfg.pool_dim, cfg.clip_teacher_final_dim)
                                        if cfg.clip_teacher_final_dim else nn.Identity())
-            self.mae_decoder = nn.ModuleList(MLPDecoder(D, cfg.mae_teacher_dim)
+            self.mae_decoder = nn.ModuleList(Decoder(D, cfg.mae_teacher_dim, mlp=True)
                                              for _ in range(cfg.mae_return_layers))
         self.grad_ckpt_blocks = 0        # activation checkpointing for the first n blocks (runtime)
         self.init_weights()

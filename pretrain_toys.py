@@ -13,9 +13,8 @@ import sys
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
-from common import cosine_lr, print0
+from common import fit, print0
 from data import build_chat, load_jsonl
 from losses import answer_loss, mask_tokens, token_cross_entropy
 from checkpoints import bert_key_map, llm_key_map
@@ -26,18 +25,6 @@ def _texts(data_root):
     recs, _ = load_jsonl(Path(data_root) / "train.jsonl")
     texts = [r[k] for r in recs for k in ("caption", "audio_caption", "asr", "avs_caption") if r.get(k)]
     return recs, texts + [f"{qa['q']} {qa['a']}" for r in recs for qa in r.get("qa", [])]
-
-
-def _fit(desc, params, loss_at, steps, lr):
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    for step in tqdm(range(steps), desc=desc, file=sys.stdout, mininterval=0.5):
-        for grp in opt.param_groups:
-            grp["lr"] = cosine_lr(step, steps, max(1, steps // 10), lr, lr / 100)
-        loss = loss_at(step)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return loss.item()
 
 
 def pretrain_toy_bert(data_root, tok, tcfg, path, steps=150, batch=64, lr=1e-3, max_len=24, seed=0):
@@ -53,7 +40,7 @@ def pretrain_toy_bert(data_root, tok, tcfg, path, steps=150, batch=64, lr=1e-3, 
         corrupted, labels = mask_tokens(ids, mask, len(tok), tok.mask_id, tok.cls_id, prob=0.15)
         h = enc.forward_fusion(enc.forward_text(corrupted, mask), mask, memory=None)
         return token_cross_entropy(enc.mlm_logits(h), labels)
-    loss = _fit("toy BERT (masked LM on ToyWorld text)", enc.parameters(), loss_at, steps, lr)
+    loss = fit("toy BERT (masked LM on ToyWorld text)", enc.parameters(), loss_at, steps, lr)
     key_map = bert_key_map(enc.cfg)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -88,7 +75,7 @@ def pretrain_toy_llm(data_root, tok, lcfg, path, n_visual=16, steps=250, batch=6
         ids, labels, mask = ids[:, :L], labels[:, :L], mask[:, :L]
         logits, _ = llm(llm.embed_tokens(ids), mask)
         return answer_loss(logits, labels)
-    loss = _fit("toy LLM (next token on ToyWorld text)", llm.parameters(), loss_at, steps, lr)
+    loss = fit("toy LLM (next token on ToyWorld text)", llm.parameters(), loss_at, steps, lr)
     key_map = llm_key_map(llm)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,6 @@ InternVL-C or VideoMAEv2-g.
     python teachers.py --data=data/toyworld --out=out/teachers     # about 2 minutes on 2 CPU cores
 """
 import math
-import sys
 import time
 import zlib
 from dataclasses import asdict, replace
@@ -27,7 +26,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 
+from checkpoints import key_names
 from model import (AttentionPool, Block, PatchEmbed, VisionConfig, count_params, patch_index, preset, sincos_2d,
                    sinusoid_table, tube_mask)
 
@@ -89,9 +90,9 @@ class InternViTTeacher(nn.Module):
         clip (K, B, 1 + T*HW, D): last K blocks, ascending; CLS averaged over frames, then all patches
         clip_final (B, pool_dim): pooled vector averaged over frames
         attn (B, T, HW): the pooling query's head-averaged attention over each frame's patches."""
-        B, _, T, H, W = video.shape
+        B, T = video.shape[0], video.shape[2]
         K, D = self.cfg.clip_return_layers, self.cfg.dim
-        frames = video.transpose(1, 2).reshape(B * T, 3, 1, H, W)
+        frames = rearrange(video, "b c t h w -> (b t) c 1 h w")           # every frame an image
         x, hidden = self.tokens(frames, layers=range(self.cfg.depth - K, self.cfg.depth))
         pooled, attn = self.clip_projector(x, need_weights=True)          # (BT, P), (BT, 1+HW)
         z = torch.stack([hidden[i] for i in sorted(hidden)])              # (K, BT, 1+HW, D)
@@ -209,8 +210,7 @@ def load_teacher(kind, preset, path):
                        f"{' ...' if len(missing) > 20 else ''}; wrong shapes {bad_shape[:20]}")
     unexpected = [k for k in state if k not in own]
     if unexpected:
-        print(f"{path}: ignoring {len(unexpected)} keys the {kind} teacher does not use: {unexpected[:8]}"
-              f"{' ...' if len(unexpected) > 8 else ''}")
+        print(f"{path}: ignoring {len(unexpected)} keys the {kind} teacher does not use: {key_names(unexpected)}")
     net.load_state_dict({k: state[k] for k in own})
     return net
 
@@ -281,26 +281,8 @@ def tubelet_pixels(video, cfg):
     (t, h, w) token order. The toy target is the (ImageNet-normalised) pixels themselves: VideoMAE's
     per-patch normalised target would make ToyWorld's static noise texture, unpredictable under a
     tube mask, dominate the loss."""
-    B, C, T, H, W = video.shape
     t, p = cfg.tubelet_size, cfg.patch_size
-    x = video.reshape(B, C, T // t, t, H // p, p, W // p, p).permute(0, 2, 4, 6, 3, 5, 7, 1)
-    return x.reshape(B, (T // t) * (H // p) * (W // p), t * p * p * C)
-
-
-def _fit(desc, params, loss_fn, loader, steps, lr, betas, history, verbose):
-    """A small AdamW loop with warmup + cosine, for the toy teachers."""
-    from common import cosine_lr, set_lr
-    from tqdm import tqdm
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05, betas=betas)
-    bar = tqdm(range(steps), desc=desc, file=sys.stdout, disable=not verbose, dynamic_ncols=True, mininterval=0.5)
-    for step in bar:
-        set_lr(opt, cosine_lr(step, steps, max(1, steps // 10), lr, lr / 100))
-        loss = loss_fn(next(loader))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        history.append(loss.item())
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+    return rearrange(video, "b c (t pt) (h ph) (w pw) -> b (t h w) (pt ph pw c)", pt=t, ph=p, pw=p)
 
 
 def pretrain_toy_teachers(data_root, out_dir, clip_steps=450, mae_steps=100, batch=64, lr=2e-3, seed=0, log=print,
@@ -308,6 +290,7 @@ def pretrain_toy_teachers(data_root, out_dir, clip_steps=450, mae_steps=100, bat
     """Train the toy image teacher (CLIP) and video teacher (VideoMAE, 90% tube masking) on ToyWorld's
     train split and save them in the official layouts. Returns the two checkpoint paths; the loss
     curves go to history['clip'] and history['mae'] when a dict is given."""
+    from common import fit
     from data import VideoTextDataset, train_loader
     from losses import contrastive_loss
     out_dir = Path(out_dir)
@@ -329,8 +312,9 @@ def pretrain_toy_teachers(data_root, out_dir, clip_steps=450, mae_steps=100, bat
         ids = torch.tensor([zlib.crc32(c.encode()) for c in b["caption"]])
         return contrastive_loss(img, txt, 1 / logit_scale.exp().clamp(max=100), ids)
     params = [p for p in clip.parameters() if p.requires_grad] + list(text.parameters()) + [logit_scale]
-    _fit("toy image teacher (CLIP)", params, clip_loss, iter(train_loader(ds, batch, 0, 1, seed, 0, workers=1)),
-         clip_steps, lr, (0.9, 0.98), history.setdefault("clip", []), verbose)
+    loader = iter(train_loader(ds, batch, 0, 1, seed, 0, workers=1))
+    fit("toy image teacher (CLIP)", params, lambda s: clip_loss(next(loader)), clip_steps, lr, 0.05, (0.9, 0.98),
+        history.setdefault("clip", []), verbose)
     clip_path = out_dir / "toy_clip_teacher.pt"
     torch.save({"module": clip.state_dict(), "config": asdict(clip_cfg)}, clip_path)
 
@@ -345,9 +329,9 @@ def pretrain_toy_teachers(data_root, out_dir, clip_steps=450, mae_steps=100, bat
         pred = dec(mae.forward_features(b["video"], visible), visible, N)  # (B, N, pixels)
         hidden = torch.ones(pred.shape[:2], dtype=torch.bool).scatter(1, visible, False)
         return ((pred - tubelet_pixels(b["video"], mae_cfg)) ** 2).mean(-1)[hidden].mean()
-    _fit("toy video teacher (VideoMAE)", list(mae.parameters()) + list(dec.parameters()), mae_loss,
-         iter(train_loader(ds, batch, 0, 1, seed + 1, 0, workers=1)), mae_steps, lr, (0.9, 0.95),
-         history.setdefault("mae", []), verbose)
+    loader = iter(train_loader(ds, batch, 0, 1, seed + 1, 0, workers=1))
+    fit("toy video teacher (VideoMAE)", list(mae.parameters()) + list(dec.parameters()),
+        lambda s: mae_loss(next(loader)), mae_steps, lr, 0.05, (0.9, 0.95), history.setdefault("mae", []), verbose)
     mae_path = out_dir / "toy_mae_teacher.pt"
     torch.save({"model": {"encoder." + k: v for k, v in mae.state_dict().items()}, "config": asdict(mae_cfg)},
                mae_path)
@@ -360,11 +344,9 @@ def pretrain_toy_teachers(data_root, out_dir, clip_steps=450, mae_steps=100, bat
 if __name__ == "__main__":
     import argparse
     p = argparse.ArgumentParser(description="Pre-train the two toy teachers on ToyWorld.")
-    p.add_argument("--data", default="data/toyworld")
-    p.add_argument("--out", default="out/teachers")
-    p.add_argument("--clip_steps", type=int, default=450)
-    p.add_argument("--mae_steps", type=int, default=100)
-    p.add_argument("--batch", type=int, default=64)
+    for name, default in (("data", "data/toyworld"), ("out", "out/teachers"), ("clip_steps", 450), ("mae_steps", 100),
+                          ("batch", 64)):
+        p.add_argument(f"--{name}", type=type(default), default=default)
     a = p.parse_args()
     from data import make_toyworld
     make_toyworld(a.data)

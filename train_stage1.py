@@ -18,9 +18,9 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from common import (RunLog, WithLoss, barrier, build_optimizer, by_preset, check, cleanup, compile_blocks, cosine_lr,
-                    distribute, load_checkpoint, load_state, model_state, optimizer_state, parse_config, pick_dtype,
-                    print0, resume, run_summary, save_checkpoint, setup_runtime, shard, training_loop, write_json)
+from common import (RunLog, WithLoss, barrier, build_optimizer, by_preset, check, compile_blocks, cosine_lr,
+                    distribute, finish, load_checkpoint, load_state, model_state, optimizer_state, parse_config,
+                    pick_dtype, print0, resume, run_summary, save_checkpoint, setup_runtime, shard, training_loop)
 from data import TOYWORLD, VideoTextDataset, prepare_toyworld, train_loader
 from evaluate import evaluate_stage1
 from losses import stage1_objective
@@ -116,11 +116,8 @@ def main(argv=None):
     # ---- teachers (frozen, outside the student) ------------------------------------------------
     clip_ckpt, mae_ckpt = cfg.clip_teacher_ckpt, cfg.mae_teacher_ckpt
     if not cfg.random_teachers:
-        default_dir = Path("out/teachers")
-        if cfg.clip_teacher == "toy" and not clip_ckpt:
-            clip_ckpt = str(default_dir / "toy_clip_teacher.pt")
-        if cfg.mae_teacher == "toy" and not mae_ckpt:
-            mae_ckpt = str(default_dir / "toy_mae_teacher.pt")
+        clip_ckpt = clip_ckpt or ("out/teachers/toy_clip_teacher.pt" if cfg.clip_teacher == "toy" else "")
+        mae_ckpt = mae_ckpt or ("out/teachers/toy_mae_teacher.pt" if cfg.mae_teacher == "toy" else "")
         if not (clip_ckpt and mae_ckpt):
             raise SystemExit("full-size teachers need --clip_teacher_ckpt and --mae_teacher_ckpt "
                              "(or --random_teachers=True for benchmarking)")
@@ -190,13 +187,7 @@ def main(argv=None):
                f"evaluate with: python train_stage1.py --init_from={out_dir / 'ckpt.pt'} --max_steps=0", rt=rt)
     elif cfg.eval and result["step"] == cfg.max_steps:
         metrics.update(evaluate_stage1(student, teachers, cfg, vcfg, rt))
-    if rt.master:
-        write_json(out_dir / "metrics.json", metrics)
-        log(f"metrics {metrics}")
-        summary = {k: v for k, v in metrics.items() if k.startswith("probe_acc") or k == "probe_chance"}
-        print0(f"metrics -> {out_dir / 'metrics.json'}: {summary}")
-    cleanup(rt)
-    return metrics
+    return finish(out_dir, metrics, rt, lambda k: k.startswith("probe_acc") or k == "probe_chance", log)
 
 
 if __name__ == "__main__":

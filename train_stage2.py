@@ -21,9 +21,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from checkpoints import load_beats, load_bert, load_video_encoder
-from common import (RunLog, WithLoss, barrier, build_optimizer, by_preset, check, cleanup, compile_blocks, cosine_lr,
-                    distribute, load_checkpoint, model_state, optimizer_state, parse_config, print0, resume,
-                    run_summary, save_checkpoint, setup_runtime, training_loop, write_json)
+from common import (RunLog, WithLoss, barrier, build_optimizer, by_preset, check, compile_blocks, cosine_lr,
+                    distribute, finish, load_checkpoint, model_state, optimizer_state, parse_config, print0, resume,
+                    run_summary, save_checkpoint, setup_runtime, training_loop)
 from data import TOYWORLD, VideoTextDataset, WordPieceTokenizer, prepare_toyworld, stage2_fields, train_loader
 from losses import AUDIO_LOSSES, STAGE2_LOSSES, stage2_objective
 from model import VISION_PRESETS, Stage2Model, audio_preset, param_table, text_preset, vision_preset
@@ -108,7 +108,7 @@ class Stage2Config:
         check(self.mlm_mode in ("mlm", "causal"), f"--mlm_mode must be mlm or causal, got {self.mlm_mode!r}")
         check(0.0 < self.mlm_prob < 1.0, f"--mlm_prob must be in (0, 1), got {self.mlm_prob}")
         check(self.batch_size > 0 and self.max_steps >= 0, "--batch_size must be > 0 and --max_steps >= 0")
-        check(self.audio in ("toy", "beats-base", "none"), f"--audio must be toy, beats-base or none, not {self.audio!r}")
+        check(self.audio in ("toy", "beats-base", "none"), f"--audio must be toy, beats-base or none, got {self.audio!r}")
         check(self.preset in VISION_PRESETS, f"--preset must be one of {list(VISION_PRESETS)}, got {self.preset!r}")
         check(not (self.resume and self.init_from and self.max_steps), "use --resume or --init_from, not both")
         pairs = [p.split(":") for p in self.captions.split(",")] if self.captions else []
@@ -117,6 +117,9 @@ class Stage2Config:
               f"{sorted(set(dict(pairs)) - set(STAGE2_LOSSES))}; the losses are {list(STAGE2_LOSSES)}")
         self.captions = ""                      # the recipe's mapping, then the pairs given on top of it
         by_preset(self, self.BY_PRESET, 0 if self.preset == "toy" else (2 if self.audio != "none" else 1))
+        base = VISION_PRESETS[self.preset]                  # img_size and drop_path: the preset's
+        self.img_size = self.img_size or base.img_size
+        self.drop_path = base.drop_path if self.drop_path < 0 else self.drop_path
         self.captions = ",".join(f"{k}:{v}" for k, v in {**self.caption_map(), **dict(pairs)}.items())
         check(0.0 <= self.mask_ratio < 1.0, f"--mask_ratio must be in [0, 1), got {self.mask_ratio}")
         check(self.lr > 0, f"--lr must be positive, got {self.lr}")
@@ -139,12 +142,7 @@ def main(argv=None):
     # ---- data ---------------------------------------------------------------------------------
     prepare_toyworld(cfg.data, rt)
     tok = WordPieceTokenizer(cfg.vocab or Path(cfg.data) / "vocab.txt")
-    overrides = {"num_frames": cfg.num_frames}
-    if cfg.img_size:
-        overrides["img_size"] = cfg.img_size
-    if cfg.drop_path >= 0:
-        overrides["drop_path"] = cfg.drop_path
-    vcfg = vision_preset(cfg.preset, **overrides)
+    vcfg = vision_preset(cfg.preset, num_frames=cfg.num_frames, img_size=cfg.img_size, drop_path=cfg.drop_path)
     tcfg = text_preset(cfg.text, **({"vocab_size": len(tok)} if cfg.text == "toy" else {}))
     check(len(tok) <= tcfg.vocab_size, f"the vocabulary has {len(tok)} tokens, the text encoder {tcfg.vocab_size}")
     acfg = None if cfg.audio == "none" else audio_preset(cfg.audio)
@@ -226,13 +224,7 @@ def main(argv=None):
     if cfg.eval and result["step"] == cfg.max_steps:
         from evaluate import evaluate_stage2
         metrics.update(evaluate_stage2(model, tok, cfg, vcfg, acfg, rt))
-    if rt.master:
-        write_json(out_dir / "metrics.json", metrics)
-        log(f"metrics {metrics}")
-        print0(f"metrics -> {out_dir / 'metrics.json'}: " + ", ".join(
-            f"{k} {v:.3f}" for k, v in metrics.items() if k.endswith(("_r1", "_r1_rerank", "cls_acc"))))
-    cleanup(rt)
-    return metrics
+    return finish(out_dir, metrics, rt, lambda k: k.endswith(("_r1", "_r1_rerank", "cls_acc")), log)
 
 
 if __name__ == "__main__":

@@ -27,10 +27,10 @@ from types import SimpleNamespace
 
 import torch
 
-from checkpoints import bert_key_map, load_llm, load_video_encoder, qformer_from_bert
+from checkpoints import load_llm, load_video_encoder, qformer_from_bert
 from common import (RunLog, WithLoss, barrier, build_optimizer, by_preset, check, cleanup, compile_blocks, cosine_lr,
-                    distribute, load_checkpoint, model_state, optimizer_state, parse_config, print0, resume,
-                    run_summary, save_checkpoint, setup_runtime, shard, store_frozen, training_loop, write_json)
+                    distribute, finish, load_checkpoint, model_state, optimizer_state, parse_config, print0, resume,
+                    run_summary, save_checkpoint, setup_runtime, shard, store_frozen, training_loop)
 from data import (TOYWORLD, VideoTextDataset, WordPieceTokenizer, load_llm_tokenizer, prepare_toyworld, stage3_fields,
                   train_loader, video_index)
 from losses import stage3_objective
@@ -104,6 +104,7 @@ class Stage3Config:
         check(not self.fsdp or self.substage, "--fsdp runs one sub-stage per invocation (--substage=1, 2 or 3): "
               "LoRA and the frame count change the parameters between sub-stages")
         by_preset(self, self.BY_PRESET, 0 if self.preset == "toy" else 1)
+        self.img_size = self.img_size or VISION_PRESETS[self.preset].img_size
         check(len(self.lrs) == 3, "--lrs wants three learning rates")
         check(len(self.frames) == 3 and all(f > 0 for f in self.frames), "--frames wants three frame counts")
 
@@ -118,8 +119,7 @@ def main(argv=None):
     bert_tok = WordPieceTokenizer(cfg.vocab or Path(cfg.data) / "vocab.txt")
     llm_tok = load_llm_tokenizer(cfg.llm_tokenizer or f"toy:{Path(cfg.data) / 'vocab.txt'}")
     subs = [cfg.substage] if cfg.substage else [1, 2, 3]
-    vcfg = vision_preset(cfg.preset, num_frames=cfg.frames[subs[0] - 1],
-                         **({"img_size": cfg.img_size} if cfg.img_size else {}))
+    vcfg = vision_preset(cfg.preset, num_frames=cfg.frames[subs[0] - 1], img_size=cfg.img_size)
     qcfg = replace(QFORMER_PRESETS[cfg.qformer], **({"vocab_size": len(bert_tok)} if cfg.qformer == "toy" else {}))
     lcfg = replace(LLM_PRESETS[cfg.llm], **({"vocab_size": len(llm_tok)} if cfg.llm == "toy" else {}))
     check(len(llm_tok) <= lcfg.vocab_size, f"the LLM tokenizer has {len(llm_tok)} tokens, the LLM {lcfg.vocab_size}")
@@ -137,10 +137,7 @@ def main(argv=None):
                              max_len=cfg.max_llm_len, seed=cfg.seed)
     barrier(rt)
     if qbert:
-        hf = load_checkpoint(qbert)
-        bert = text_preset("bert-base", depth=qcfg.depth, fusion_layer=qcfg.depth)
-        ours = {k: hf[v] for k, v in bert_key_map(bert).items() if v in hf}
-        fresh = qformer_from_bert(model.qformer, ours)
+        fresh = qformer_from_bert(model.qformer, load_checkpoint(qbert))
         print0(f"Q-Former from {qbert}: {len(fresh)} tensors left fresh (queries, cross-attention)", rt=rt)
     if llm_ckpt:
         load_llm(model.llm, load_checkpoint(llm_ckpt))
@@ -236,13 +233,7 @@ def main(argv=None):
     elif cfg.eval:
         from evaluate import evaluate_stage3
         metrics.update(evaluate_stage3(model, llm_tok, bert_tok, cfg, model.vision_encoder.cfg, rt, video_at))
-    if rt.master:
-        write_json(out_dir / "metrics.json", metrics)
-        print0(f"metrics -> {out_dir / 'metrics.json'}: " + ", ".join(
-            f"{k} {v:.3f}" for k, v in metrics.items() if k.startswith(("qa_acc", "qa_chance", "caption_")) and
-            isinstance(v, float)))
-    cleanup(rt)
-    return metrics
+    return finish(out_dir, metrics, rt, lambda k: k.startswith(("qa_acc", "qa_chance", "caption_")))
 
 
 if __name__ == "__main__":
