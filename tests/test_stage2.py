@@ -283,3 +283,25 @@ def test_torchrun_two_processes_stage2(toyworld, toy_pretrained, tmp_path):
     assert ck["step"] == 2 and ck["world"] == 2
     if r.returncode != 0:
         assert "step 2/2" in (tmp_path / "log.txt").read_text(), r.stderr[-4000:]
+
+
+def test_stage2_settings_say_what_they_mean():
+    """An unknown loss is a named error (it used to train as masked LM); a partial --captions keeps the
+    recipe's caption for the other losses; the resolved settings are what the saved config holds."""
+    from common import ConfigError, parse_config
+    from losses import stage2_objective
+    from train_stage2 import Stage2Config
+    model = Stage2Model(vision_preset("toy", num_frames=4), text_preset("toy", vocab_size=40), None)
+    with pytest.raises(ValueError, match=r"unknown stage-2 loss\(es\) \['vtx'\]"):
+        stage2_objective(model, {}, tok=None, weights={"vtc": 1.0, "vtx": 1.0})
+    with pytest.raises(ValueError, match="need a model with audio"):
+        stage2_objective(model, {}, tok=None, weights={"atc": 1.0})
+    cfg = parse_config(Stage2Config(), ["--captions=vtm:avs_caption"])
+    assert cfg.caption_map() == {"vtc": "caption", "vtm": "avs_caption", "mlm": "caption", "atc": "audio_caption",
+                                 "avtc": "avs_caption", "avtm": "avs_caption", "avmlm": "avs_caption"}
+    assert (cfg.lr, cfg.mask_ratio, cfg.w_atc, cfg.contrastive_dim, cfg.max_text_len) == (1e-3, 0.5, 1.0, 96, 24)
+    full = parse_config(Stage2Config(), ["--preset=1B", "--audio=none", "--lr=1e-4"])
+    assert (full.lr, full.mask_ratio, full.w_atc, full.contrastive_dim, full.max_text_len) == (1e-4, 0.8, 0.0, 512, 32)
+    assert set(full.caption_map().values()) == {"caption"} and full.img_size == 224 and full.drop_path == 0.25
+    with pytest.raises(ConfigError, match="unknown losses"):
+        parse_config(Stage2Config(), ["--captions=vtx:caption"])
