@@ -25,10 +25,10 @@ def key_names(keys):
 
 
 def load_video_encoder(model, ck, source="checkpoint", log=print):
-    """The stage hand-off (FACTS 4.4): the video encoder of a stage-1 checkpoint (the student itself,
-    flat keys) or of a stage-2/3 one (under `vision_encoder.`) into model.vision_encoder, the position
-    table linearly interpolated in time to the encoder's frame count (stage 1 -> 2: 8 -> 4 frames;
-    2 -> 3: 4 -> 8). Every encoder weight must be there with its shape (KeyError naming the misfits).
+    """The stage hand-off (MM/models/backbones/internvideo2/internvideo2.py:715-719): the video encoder of a stage-1
+    checkpoint (the student itself, flat keys) or of a stage-2/3 one (under `vision_encoder.`) into
+    model.vision_encoder, the position table linearly interpolated in time to the encoder's frame count (stage 1 -> 2:
+    8 -> 4 frames; 2 -> 3: 4 -> 8). Every encoder weight must be there with its shape (KeyError naming the misfits).
     ck: a loaded checkpoint dict. Logs, and returns, every checkpoint key it skips and every model
     key it leaves fresh: {"loaded", "skipped", "fresh"}, lists of names."""
     enc = model.vision_encoder
@@ -59,8 +59,8 @@ def load_video_encoder(model, ck, source="checkpoint", log=print):
 
 def bert_key_map(cfg: TextConfig):
     """{our key: official key} for a `BertForMaskedLM` state dict (Hugging Face `bert-*-uncased`, and
-    the stage-2 checkpoints' `text_encoder.` part; FACTS 4.2). Cross-attention exists only in layers
-    >= fusion_layer and is new (random) when loading a plain BERT."""
+    the stage-2 checkpoints' `text_encoder.` part; MM/models/backbones/bert/xbert.py:599-611, 1592-1603).
+    Cross-attention exists only in layers >= fusion_layer and is new (random) when loading a plain BERT."""
     m = {"word_emb.weight": "bert.embeddings.word_embeddings.weight",
          "pos_emb.weight": "bert.embeddings.position_embeddings.weight",
          "type_emb.weight": "bert.embeddings.token_type_embeddings.weight",
@@ -96,7 +96,7 @@ def load_bert(text_encoder, state, prefix=""):
     fresh, bad, new = [], [], {}
     for ours, theirs in bert_key_map(text_encoder.cfg).items():
         src = state.get(prefix + theirs)
-        if src is None and theirs.startswith("bert."):       # `text_encoder.X` renaming (FACTS 4.2)
+        if src is None and theirs.startswith("bert."):  # `text_encoder.X` renaming (MM/tasks/shared_utils.py:165-168)
             src = state.get(prefix + theirs[len("bert."):])
         if src is None:
             fresh.append(ours)

@@ -259,8 +259,8 @@ def print0(*args, rt=None, **kw):
 # optimizer and schedule
 
 def build_optimizer(model, lr, weight_decay, betas, eps, no_decay_names=(), device_type="cpu"):
-    """AdamW. No weight decay for 1-D tensors (norms, LayerScale, biases), any `.bias`, and the named
-    parameters (position tables, CLS, temperature), as the official (FACTS 1.8, 2.8)."""
+    """AdamW. No weight decay for 1-D tensors (norms, LayerScale, biases), any `.bias`, and the named parameters
+    (position tables, CLS, temperature), as the official (SM/optim_factory.py:66-71; MM/utils/optimizer.py:17-28)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:

@@ -309,7 +309,7 @@ def read_frames(path, indices_fn, cache=False):
 
 
 def frame_indices(n_total, n_frames, train, rng=None):
-    """Segment sampling as the official loaders (FACTS 1.3, 2.7): split the video into n_frames equal
+    """Segment sampling as the official loaders (MM/dataset/video_utils.py:50-75): split the video into n_frames equal
     segments and take a random frame of each (training) or the middle one (evaluation)."""
     out = []
     for s in range(n_frames):
@@ -322,7 +322,7 @@ def frame_indices(n_total, n_frames, train, rng=None):
 def video_transform(frames, size, train, rng=None, scale=(0.5, 1.0), hflip=False):
     """uint8 (T, H, W, 3) -> float (3, T, size, size), ImageNet-normalised. Training: one random
     resized crop (area fraction in `scale`, aspect 3/4..4/3) for the whole clip and an optional
-    horizontal flip; evaluation: resize the whole frame to size x size (FACTS 2.7)."""
+    horizontal flip; evaluation: resize the whole frame to size x size (MM/dataset/__init__.py:89-154)."""
     x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float() / 255  # (T, 3, H, W)
     H, W = x.shape[-2:]
     if train and scale[0] < 1.0:
@@ -468,7 +468,7 @@ def eval_loader(dataset, batch_size, rank=0, world=1, workers=0):
 
 
 # ------------------------------------------------------------------------------------------------
-# text: a WordPiece tokenizer that reads a standard BERT vocab.txt (FACTS 2.3)
+# text: a WordPiece tokenizer that reads a standard BERT vocab.txt (MM/tasks/shared_utils.py:64-65)
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
@@ -581,7 +581,7 @@ def build_vocab(texts, path):
 
 
 # ------------------------------------------------------------------------------------------------
-# audio: Kaldi-compatible fbank in torch, reading and resampling (FACTS 2.4)
+# audio: Kaldi-compatible fbank in torch, reading and resampling (MM/dataset/av_utils.py:100-126)
 
 def _mel_banks(n_mels, n_fft, sr, low_freq=20.0, high_freq=0.0):
     """Kaldi's triangular filters, equally spaced on the mel scale 1127 ln(1 + f/700): (n_mels, n_fft//2)."""
@@ -624,7 +624,7 @@ def resample(wave, sr_in, sr_out):
     return (torch.fft.irfft(out, n=n_out) * n_out / wave.numel()).float()
 
 
-FBANK_MEAN, FBANK_STD = 15.41663, 6.55582      # InternVideo2's normalisation (FACTS 2.4)
+FBANK_MEAN, FBANK_STD = 15.41663, 6.55582      # InternVideo2's normalisation (MM/dataset/av_utils.py:117-119)
 
 
 def load_fbank(path, frames, train, rng=None, sr=16000, allow_resample=False, n_mels=64):
@@ -660,7 +660,7 @@ def positive_id(rec, caption_key):
     """The id that makes two samples positives of each other for a caption type: the sample itself
     (its `id`), as the official's dataset index; on ToyWorld, the attributes that caption type
     describes, since its clips repeat attribute sets and a clip with the same description is no
-    negative (FACTS 2.6: multi-positive targets from sample ids). A stable int64 hash."""
+    negative (multi-positive targets from sample ids: MM/models/criterions.py:201-216). A stable int64 hash."""
     attrs = rec.get("attrs")
     if attrs and caption_key in CAPTION_ATTRS:
         key = "|".join(str(attrs[a]) for a in CAPTION_ATTRS[caption_key])
@@ -691,7 +691,7 @@ def stage2_fields(tokenizer, caption_keys, max_len, audio_frames=0, train=True, 
 
 
 # ------------------------------------------------------------------------------------------------
-# stage 3: LLM tokenizers (one small interface) and the instruction format (FACTS 3)
+# stage 3: LLM tokenizers (one small interface) and the instruction format (VC2/dataset/it_dataset_mistral.py:74-104)
 
 class ToyLLMTokenizer:
     """The toy LLM's tokenizer: the data's WordPiece vocabulary plus the LLM specials, with the chat
@@ -784,7 +784,7 @@ def video_index(tok):
 
 
 def build_chat(tok, turns, n_visual, max_len):
-    """The VideoChat2 instruction format (FACTS 3), with the visual embeddings spliced after <Video>:
+    """The VideoChat2 instruction format (VC2/dataset/it_dataset_mistral.py:74-104), visual embeddings after <Video>:
         <s> [INST] <Video> {n_visual slots} </Video> [/INST] ( [INST] q [/INST] a </s>)*
     turns: [(question, answer)]. Returns ids (max_len,), labels (max_len,) with -100 everywhere but
     the answer tokens and their </s>, mask (max_len,), and the index of the first visual slot. The

@@ -6,7 +6,7 @@
   probe_attributes   a probe per ToyWorld attribute (shape, color, size, direction, speed)
   evaluate_stage1    those probes on frozen features of the student, a random-init student, each teacher
   evaluate_stage2    zero-shot retrieval text<->video/audio/audio+video, VTM re-ranking of the top k,
-                     zero-shot classification with prompt templates (FACTS 5.1, 5.2)
+                     zero-shot classification with prompt templates (MM/dataset/ret_dataset.py:283-297)
   evaluate_stage3    held-out QA accuracy per question type and caption accuracy, by generation
 
 Each stage script evaluates a checkpoint on its own with `--init_from=<ckpt> --max_steps=0`:
@@ -86,8 +86,8 @@ def probe_attributes(feat_train, records_train, feat_val, records_val):
 
 @torch.no_grad()
 def evaluate_stage1(student, teachers, cfg, vcfg, rt):
-    """Linear probes per ToyWorld attribute on frozen clip features of the held-out split (FACTS-free:
-    ToyWorld's own protocol), for the trained student, a random-initialised student of the same
+    """Linear probes per ToyWorld attribute on frozen clip features of the held-out split (no official
+    counterpart: ToyWorld's own protocol), for the trained student, a random-initialised student of the same
     preset, and each teacher. Needs records with `attrs` (ToyWorld); returns {} otherwise."""
     import time
     from data import VideoTextDataset
@@ -123,7 +123,7 @@ def evaluate_stage1(student, teachers, cfg, vcfg, rt):
 
 
 # ------------------------------------------------------------------------------------------------
-# stage 2: zero-shot retrieval with VTM re-ranking, zero-shot classification (FACTS 5.1, 5.2)
+# stage 2: zero-shot retrieval with VTM re-ranking and classification (MM/tasks/retrieval_utils.py:197-206, 366-566)
 
 def recall_at_k(sim, gt, ks=(1, 5, 10)):
     """sim, gt: (queries, gallery); gt True where the gallery item is a positive. A query counts at k
@@ -145,8 +145,8 @@ def retrieval(prefix, sim, gt):
 
 @torch.no_grad()
 def rerank(sim, k, score_fn, rt, chunk=128):
-    """Official VTM re-ranking (FACTS 5.1): for every query row keep its top-k gallery items by the
-    dual-encoder score, score them with score_fn(query index, gallery indices) -> raw matching logits,
+    """Official VTM re-ranking (MM/tasks/retrieval_utils.py:366-566): for every query row keep its top-k gallery items
+    by the dual-encoder score, score them with score_fn(query index, gallery indices) -> raw matching logits,
     and set every other item to -100. Rows are sharded over ranks and gathered."""
     k = min(k, sim.shape[1])
     out = torch.full_like(sim, -100.0)
@@ -162,8 +162,8 @@ def rerank(sim, k, score_fn, rt, chunk=128):
 
 
 def match_margins(scores, gt, records, caption_key):
-    """ToyWorld's view into a re-ranking (FACTS 5.1 gives none): for each attribute the caption type
-    describes, mean matching logit of the positives minus that of the top-k candidates that differ from
+    """ToyWorld's view into a re-ranking (MM/tasks/retrieval_utils.py:366-566 has none): for each attribute the caption
+    type describes, mean matching logit of the positives minus that of the top-k candidates that differ from
     the query in that attribute alone. > 0: the matching head tells that attribute apart; about 0: it
     cannot, and re-ranking shuffles such candidates with the true clip. scores: re-ranked (queries,
     gallery) with -100 outside the top k; gt as for recall_at_k. {} without attributes."""
@@ -232,8 +232,8 @@ def evaluate_stage2(model, tok, cfg, vcfg, acfg, rt):
     out.update(retrieval("t2v", sim, gt))
 
     def reranked(name, sim, gt, key, memory, head):
-        """VTM re-ranking both ways (FACTS 5.1): (text, gallery) pairs scored by the raw `head` logit
-        over memory(gallery indices); recalls and, on ToyWorld, the head's per-attribute margins."""
+        """VTM re-ranking both ways (MM/tasks/retrieval_utils.py:366-566): (text, gallery) pairs scored by the raw
+        `head` logit over memory(gallery indices); recalls and, on ToyWorld, the head's per-attribute margins."""
         def score(ti, gi):
             with rt.autocast():
                 logits = model.match_logits(f[f"states_{key}"][ti].to(dev), f[f"mask_{key}"][ti].to(dev),
@@ -254,7 +254,7 @@ def evaluate_stage2(model, tok, cfg, vcfg, acfg, rt):
         sim_av, gt_av = norm(f["emb_avs_caption"]) @ norm(f["av_emb"]).t(), _gt(recs, "avs_caption")
         out.update(retrieval("t2av", sim_av, gt_av))
 
-        # AVTM on the audio + projected-vision memory (FACTS 5.1)
+        # AVTM on the audio + projected-vision memory (MM/tasks/retrieval_utils.py:326-360)
         reranked("t2av", sim_av, gt_av, "avs_caption", lambda vi: torch.cat([f["a_mem"][vi], f["v_mem"][vi]], dim=1),
                  "avtm")
 

@@ -27,9 +27,9 @@ from model import gather_tokens, make_mask, patch_index, random_mask
 # stage 1
 
 def distill_loss(pred, target):
-    """Mean over every leading axis (layers, batch, tokens) of 2 - 2<u, v> = ||u - v||^2, for unit
-    vectors u (student) and v (teacher): an MSE on L2-normalised features, summed over channels
-    (FACTS 1.7). pred, target: (..., D), both already L2-normalised; computed in fp32."""
+    """Mean over every leading axis (layers, batch, tokens) of 2 - 2<u, v> = ||u - v||^2, for unit vectors u (student)
+    and v (teacher): MSE on L2-normalised features, summed over channels (SM/engines/engine_for_pretraining.py:129-146).
+    pred, target: (..., D), both already L2-normalised; computed in fp32."""
     return (2 - 2 * (pred.float() * target.float()).sum(-1)).mean()
 
 
@@ -37,7 +37,7 @@ def stage1_loss(student, targets, w_clip=1.0, w_clip_final=1.0, w_mae=1.0):
     """student: InternVideo2.forward_distill output; targets: the same keys, gathered at the student's
     visible slots (clip: (Kc, B, Nv, Dc), clip_final: (B, Dcf), mae: (Km, B, Nv-1, Dm)).
     Returns (total, {term: value}); total = w_clip * L_clip + w_clip_final * L_final + w_mae * L_mae,
-    every weight 1 in the official recipe (FACTS 1.7)."""
+    every weight 1 in the official recipe (SM/scripts/pretraining/1B_pt.sh:30, 38)."""
     parts, total = {}, 0.0
     for key, w in (("clip", w_clip), ("clip_final", w_clip_final), ("mae", w_mae)):
         if w and key in student:
@@ -48,8 +48,8 @@ def stage1_loss(student, targets, w_clip=1.0, w_clip_final=1.0, w_mae=1.0):
 
 def stage1_objective(student, teachers, batch, *, mask_type="attention", mask_ratio=0.8, w_clip=1.0,
                      w_clip_final=1.0, w_mae=1.0):
-    """One stage-1 step's loss (FACTS 1.5, 1.6, 1.9): the frozen teachers read the whole clip (the video
-    teacher all 2T frames, the image teacher the T even ones), the mask picks the tokens the student
+    """One stage-1 step's loss (SM/engines/engine_for_pretraining.py:71-146): the frozen teachers read the whole clip
+    (the video teacher all 2T frames, the image teacher the T even ones), the mask picks the tokens the student
     sees, the student runs on those alone, and the targets are gathered at the same slots.
     student: InternVideo2 built with_heads; teachers: teachers.Teachers (or a callable giving its dict);
     batch: video (B, 3, 2T, H, W), mask_noise (B, T', Np)."""
@@ -99,7 +99,7 @@ def all_gather_with_grad(x):
     gradient averaging, the parameter gradient is exactly the gradient of the one-process loss on
     the global batch. The official gather instead passes back only the local slice of the gradient
     of a loss computed over ALL rows on every rank, so its gradient is the global one divided by the
-    world size (FACTS 2.6, 6.14). tests/test_losses.py checks ours on 2 gloo ranks."""
+    world size (MM/models/utils.py:193-212). tests/test_losses.py checks ours on 2 gloo ranks."""
     rank, world = world_info()
     return x if world == 1 else _AllGather.apply(x)
 
@@ -119,7 +119,7 @@ def contrastive_loss(a, b, temp, ids=None):
     """Symmetric InfoNCE between L2-normalised a (B, D) or (B, Q, D) and b (B, D) at temperature temp.
 
     Rows are this rank's samples; columns are every rank's (gathered). Targets are "soft": every
-    column with the same sample id as the row is a positive, weights summing to 1 (FACTS 2.6);
+    column with the same sample id as the row is a positive, weights summing to 1 (MM/models/criterions.py:201-216);
     without ids, the diagonal. Returns the mean of the a->b and b->a cross-entropies."""
     rank, world = world_info()
     B = a.shape[0]
@@ -137,7 +137,7 @@ def contrastive_loss(a, b, temp, ids=None):
 
 
 # ------------------------------------------------------------------------------------------------
-# stage 2: matching with hard negatives, masked LM, and the autoregressive alternative (FACTS 2.6)
+# stage 2: matching with hard negatives, masked LM and the autoregressive alternative (MM/models/criterions.py:105-342)
 
 @torch.no_grad()
 def hard_negatives(sim, ids):
@@ -174,9 +174,9 @@ def matching_loss(match_fn, text_states, pad_mask, memory, v_emb, t_emb, temp, i
 
 
 def mask_tokens(ids, pad_mask, vocab_size, mask_id, cls_id, prob=0.5):
-    """BERT masking with the official 50% rate (FACTS 2.6, 6.15): each non-[PAD], non-[CLS] token is
-    picked with probability prob; of those 80% become [MASK], 10% a random token, 10% stay.
-    Returns (corrupted ids, labels with -100 at unpicked positions)."""
+    """BERT masking with the official 50% rate (MM/scripts/pretraining/stage2/1B/config.py:92): each non-[PAD],
+    non-[CLS] token is picked with probability prob; of those 80% become [MASK], 10% a random token, 10% stay
+    (MM/models/criterions.py:297-342). Returns (corrupted ids, labels with -100 at unpicked positions)."""
     allowed = pad_mask.bool() & (ids != cls_id)
     picked = (torch.rand(ids.shape, device=ids.device) < prob) & allowed
     labels = ids.masked_fill(~picked, -100)
@@ -222,8 +222,8 @@ AUDIO_LOSSES = ("atc", "avtc", "avtm", "avmlm")
 
 def stage2_objective(model, batch, *, tok, weights=None, captions=None, mask_ratio=0.8, mlm_prob=0.5,
                      mlm_mode="mlm"):
-    """One stage-2 step's loss (FACTS 2.6): every term reads the same randomly masked video (FACTS
-    6.12), the text tower runs once per caption type, the temperature is clamped first.
+    """One stage-2 step's loss: every term reads the same randomly masked video, the text tower runs once per
+    caption type, the temperature is clamped first (MM/models/internvideo2_stage2_visual.py:82-153, 261-266).
     batch: video (B, 3, T, H, W), mask_noise (B, T', Np), and ids_/mask_/pos_<key> (pos: multi-positive
     sample ids) per caption key in use, fbank (B, frames, mel) for audio terms. tok: has mask_id and
     cls_id. weights: {term: weight}; None = the official vtc, vtm, mlm (+ avtc, avtm, avmlm with audio),
@@ -271,7 +271,7 @@ def stage2_objective(model, batch, *, tok, weights=None, captions=None, mask_rat
 
 
 # ------------------------------------------------------------------------------------------------
-# stage 3 (FACTS 3)
+# stage 3 (VC2/models/videochat_mistra/videochat2_it_mistral.py:231-319)
 
 def answer_loss(logits, labels):
     """The LLM's next-token loss on answer tokens only: labels are -100 everywhere else (the system
@@ -280,9 +280,9 @@ def answer_loss(logits, labels):
 
 
 def stage3_objective(model, batch, *, substage, video_at, qformer_text_input=True):
-    """One stage-3 step's loss (FACTS 3). Sub-stage 1 (BLIP-2's alignment, video encoder frozen):
-    query-caption contrastive (the best query counts), matching with hard negatives, Q-Former
-    captioning, from ids_/mask_/pos_caption. Sub-stages 2-3: the LLM's next-token loss on the answer
+    """One stage-3 step's loss (VC2/models/videochat_mistra/videochat2_it_mistral.py:231-319). Sub-stage 1 (BLIP-2's
+    alignment, video encoder frozen): query-caption contrastive (the best query counts), matching with hard negatives,
+    Q-Former captioning, from ids_/mask_/pos_caption. Sub-stages 2-3: the LLM's next-token loss on the answer
     tokens of the chat llm_ids / llm_mask / llm_labels (data.build_chat), the Q-Former reading the
     instruction qf_ids / qf_mask when qformer_text_input. video_at: the chat's first visual slot."""
     video = batch["video"]

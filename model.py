@@ -1,33 +1,33 @@
 """model.py: every network of nano-InternVideo2, in one file, plain PyTorch.
 
 Read top to bottom:
-  configs and presets   VisionConfig + VISION_PRESETS (toy, S, B, L, 1B, 6B; FACTS 1.1)
+  configs and presets   VisionConfig + VISION_PRESETS (toy, S, B, L, 1B, 6B; SM/models/internvideo2_pretrain.py:747-766)
   primitives            RMSNorm, attend() (the one attention, on F.scaled_dot_product_attention),
                         Attention, Mlp, LayerScale, DropPath, Block, PatchEmbed, AttentionPool
-  position tables       3-D sin-cos (FACTS 1.2), 1-D sinusoid (VideoMAE), temporal interpolation
+  position tables       3-D sin-cos (SM/models/pos_embed.py:9-54), 1-D sinusoid (VideoMAE), temporal interpolation
   token layout, masks   attention-guided, tube and random masking over CLS + t * Np + p tokens
   video encoder         InternVideo2: tubelet embedding, CLS, learnable pos-embed, pre-norm blocks
                         with RMSNorm + qk-norm + LayerScale, no final norm, attention-pooling head,
                         a masked forward over visible tokens only, and the stage-1 distillation heads.
   text encoder          BERT split into text layers and fusion layers (cross-attention), MLM head
-                        (TEXT_PRESETS toy, bert-base, bert-large; FACTS 2.3, 8.1)
-  audio encoder         BEATs: fbank patches, conv position embedding, deep-norm post-LN layers with
-                        gated relative position bias (AUDIO_PRESETS toy, beats-base; FACTS 2.4, 8.2)
-  stage-2 model         projections, audio-visual fusion, matching heads, temperature (FACTS 2.5)
-  Q-Former              learned queries, cross-attention to the video every 2nd layer (FACTS 3)
+                        (TEXT_PRESETS toy, bert-base, bert-large; MM/models/backbones/bert/xbert.py:599-611, 721-735)
+  audio encoder         BEATs: fbank patches, conv position embedding, deep-norm post-LN layers with gated relative
+                        position bias (AUDIO_PRESETS toy, beats-base; MM/models/backbones/beats/backbone.py:198-452)
+  stage-2 model         projections, AV fusion, ITM heads, temp (MM/models/internvideo2_stage2_audiovisual.py:47-75)
+  Q-Former              learned queries, cross-attention to the video every 2nd layer (VC2/models/blip2/blip2.py:53-69)
   LLM                   LLaMA/Mistral: RMSNorm, RoPE, SwiGLU, grouped-query attention, KV cache, LoRA
-  stage-3 model         video encoder -> Q-Former -> projection -> LLM (FACTS 3, VideoChat2)
+  stage-3 model         ViT -> Q-Former -> Linear -> LLM (VC2/models/videochat_mistra/videochat2_it_mistral.py:175-256)
 
-How InternVideo2 differs from a textbook ViT (each point is FACTS.md section 6):
-  * qk-norm is ONE RMSNorm over the full width (all heads jointly), not per head;
-  * there is no final norm: features are the raw residual stream;
-  * the MLP uses tanh-approximate GELU (the official fused MLP's default);
+How InternVideo2 differs from a textbook ViT (official source after each point):
+  * qk-norm is ONE RMSNorm over the full width (all heads), not per head (SM/models/internvideo2_pretrain.py:169-181);
+  * there is no final norm: features are the raw residual stream (SM/models/internvideo2_pretrain.py:685-690);
+  * the MLP uses tanh-approximate GELU (the official fused MLP's default; SM/models/internvideo2_pretrain.py:268-269);
   * the pooled vector comes from an attention-pooling block whose query is the mean of ALL tokens
-    (CLS included), with separate LayerNorms for q, k and v and no residual;
-  * the masked forward adds the position embedding first, then keeps the visible tokens (CLS always).
+    (CLS included), with separate LayerNorms for q, k and v and no residual (SM/models/internvideo2_pretrain.py:98-114);
+  * masked forward: add pos_embed, keep the visible tokens (CLS always; SM/models/internvideo2_pretrain.py:656-659).
 
-Module and parameter names follow the official checkpoint keys (FACTS 4.1), so an official
-state dict loads with `load_state_dict` and no mapping table.
+Module and parameter names follow the official checkpoint keys (SM/models/internvideo2_pretrain.py:471-553), so an
+official state dict loads with `load_state_dict` and no mapping table.
 
     python model.py            # prints the parameter table of every preset (meta device, instant)
 """
@@ -49,21 +49,21 @@ class VisionConfig:
     """A ViT over video. The same dataclass describes the student and both teachers (teachers.py)."""
     img_size: int = 224
     patch_size: int = 14
-    num_frames: int = 8            # frames the network sees (student: 8 in stage 1, FACTS 1.3)
+    num_frames: int = 8            # frames the network sees (student: 8 in stage 1, SM/run_pretraining.py:238)
     tubelet_size: int = 1          # frames per Conv3d patch (student 1, VideoMAE teacher 2)
     dim: int = 1408                # width
     depth: int = 40
     heads: int = 16
-    mlp_dim: int = 6144            # MLP width: int(1408 * 48 / 11) for 1B (FACTS 1.1)
+    mlp_dim: int = 6144            # MLP width: int(1408 * 48 / 11) for 1B (SM/models/internvideo2_pretrain.py:267)
     qkv_bias: str = "none"         # "none" (InternVideo2, InternViT) | "qv" (VideoMAE: q and v only)
-    qk_norm: bool = True           # RMSNorm over the full width on q and k (FACTS 6.1)
+    qk_norm: bool = True           # RMSNorm over the full width on q and k (SM/models/internvideo2_pretrain.py:169-181)
     norm: str = "rms"              # "rms" (eps 1e-6) | "ln" (VideoMAE, eps 1e-6)
-    layerscale: float = 1e-5       # LayerScale init; 0 = no LayerScale (FACTS 1.2)
+    layerscale: float = 1e-5       # LayerScale init; 0 = no LayerScale (SM/models/internvideo2_pretrain.py:261-262)
     act: str = "gelu_tanh"         # "gelu_tanh" (official fused MLP) | "gelu" (exact, VideoMAE)
-    drop_path: float = 0.25        # stochastic depth at the last block, linear from 0 (FACTS 1.2)
+    drop_path: float = 0.25        # last block's drop path, linear from 0 (SM/models/internvideo2_pretrain.py:502)
     pool_heads: int = 16           # attention-pooling head (clip_projector)
     pool_dim: int = 768            # its output width (clip_embed_dim)
-    # stage-1 distillation heads (FACTS 1.6); they exist only when the model is built with heads
+    # stage-1 distillation heads (SM/models/internvideo2_pretrain.py:527-553), only when the model is built with heads
     clip_teacher_dim: int = 3200   # InternViT-6B token width
     clip_teacher_final_dim: int = 768  # InternViT-6B pooled width; 0 = no final-feature head
     clip_return_layers: int = 6    # last K blocks aligned to the image teacher
@@ -100,10 +100,10 @@ class VisionConfig:
         return self
 
 
-# Official shapes (FACTS 1.1). S/B/L are built like 1B; the official trains them by distillation from
-# the stage-2 1B model (FACTS 1.10), here they are simply smaller students for the same recipe.
-# The 6B's drop path is 0.3 (FACTS 1.8). The toy preset is sized for a 2-core CPU (ToyWorld: 32 px,
-# 8 px patches, 16 patches per frame) and its heads match the toy teachers in teachers.py.
+# Official shapes (SM/models/internvideo2.py:546-576; SM/models/internvideo2_pretrain.py:747-766). S/B/L are
+# built like 1B; the official distils them from the stage-2 1B model (SM/README.md:47-61), here they
+# are simply smaller students for the same recipe. The 6B drop path is 0.3 (SM/scripts/pretraining/6B_pt.sh:46). The
+# toy preset fits a 2-core CPU (ToyWorld: 32 px, 8 px patches, 16 patches per frame); its heads match the toy teachers.
 VISION_PRESETS = {
     "toy": VisionConfig(img_size=32, patch_size=8, dim=96, depth=4, heads=4, mlp_dim=384, drop_path=0.0, pool_heads=4,
                         pool_dim=96, clip_teacher_dim=96, clip_teacher_final_dim=96, clip_return_layers=2,
@@ -183,14 +183,14 @@ def attend(q, k, v, mask=None, causal=False, dropout=0.0, need_weights=False):
 
 
 class Attention(nn.Module):
-    """Self-attention of the ViT family: one fused qkv Linear, optional q/v biases (VideoMAE),
-    optional qk-norm over the full width (InternVideo2, InternViT; FACTS 6.1), output proj."""
+    """Self-attention of the ViT family: one fused qkv Linear, output proj, optional q/v biases (VideoMAE),
+    optional qk-norm over the full width (InternVideo2, InternViT; SM/models/internvideo2_pretrain.py:169-181)."""
 
     def __init__(self, dim, heads, qkv_bias="none", qk_norm=False, norm="rms"):
         super().__init__()
         self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=False)   # rows are [q; k; v] (FACTS 4.1)
-        if qkv_bias == "qv":                             # VideoMAE: k has no bias (FACTS 1.4)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)   # rows are [q; k; v] (SM/models/internvideo2_pretrain.py:196)
+        if qkv_bias == "qv":                             # VideoMAE: k has no bias (SM/models/videomae.py:74-92)
             self.q_bias = nn.Parameter(torch.zeros(dim))
             self.v_bias = nn.Parameter(torch.zeros(dim))
         self.q_norm = make_norm(norm, dim) if qk_norm else nn.Identity()
@@ -221,7 +221,7 @@ class Mlp(nn.Module):
 
 class LayerScale(nn.Module):
     """Per-channel residual gain, initialised small (1e-5 student, 0.1 InternViT); multiplied in fp32
-    as the official does unless told otherwise (FACTS 1.2)."""
+    as the official does unless told otherwise (SM/models/internvideo2_pretrain.py:131-146, 261-262)."""
 
     def __init__(self, dim, init):
         super().__init__()
@@ -249,7 +249,7 @@ class DropPath(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + DropPath(LayerScale(sublayer(Norm(x)))) (FACTS 1.2)."""
+    """Pre-norm ViT block: x + DropPath(LayerScale(sublayer(Norm(x)))) (SM/models/internvideo2_pretrain.py:290-291)."""
 
     def __init__(self, cfg: VisionConfig, drop_path=0.0):
         super().__init__()
@@ -303,7 +303,7 @@ class PoolCrossAttention(nn.Module):
 
 class AttentionPool(nn.Module):
     """`clip_projector`: one query = mean of all tokens (CLS included), LayerNorm'd separately for
-    q, k and v (eps 1e-5), cross-attends to the tokens; no residual, no MLP (FACTS 1.2, 6.4).
+    q, k and v (eps 1e-5), cross-attends to the tokens; no residual, no MLP (SM/models/internvideo2_pretrain.py:98-114).
     (B, N, D) -> (B, out_dim), and optionally the query's head-averaged attention (B, N)."""
 
     def __init__(self, dim, heads, out_dim):
@@ -353,14 +353,14 @@ def sincos_1d(dim, pos):
 
 def sincos_2d(dim, size):
     """(size*size, dim): first half encodes the column (w), second half the row (h); the official
-    builds its meshgrid w-first (FACTS 1.2)."""
+    builds its meshgrid w-first (SM/models/pos_embed.py:21-24, 98-110)."""
     rows, cols = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
     return torch.cat([sincos_1d(dim // 2, cols.flatten()), sincos_1d(dim // 2, rows.flatten())], dim=1)
 
 
 def sincos_3d(dim, size, t_size, cls_token=True):
     """(1 [+1], t*size*size, dim) float32: the first dim/4 channels encode time, the last 3*dim/4 space
-    (sincos_2d); tokens in (t, h, w) order; the CLS row, when present, is zeros (FACTS 1.2)."""
+    (sincos_2d); tokens in (t, h, w) order; the CLS row, when present, is zeros (SM/models/pos_embed.py:9-54)."""
     spatial = sincos_2d(dim // 4 * 3, size)                                  # (HW, 3D/4)
     temporal = sincos_1d(dim // 4, torch.arange(t_size))                     # (T, D/4)
     table = torch.cat([temporal[:, None].expand(-1, size * size, -1),
@@ -372,7 +372,7 @@ def sincos_3d(dim, size, t_size, cls_token=True):
 
 def sinusoid_table(n_position, dim):
     """The transformer's 1-D table with interleaved channels (2i: sin, 2i+1: cos), as VideoMAE's fixed
-    position embedding (FACTS 1.4): (1, n_position, dim)."""
+    position embedding (SM/models/videomae.py:160-204): (1, n_position, dim)."""
     pos = torch.arange(n_position, dtype=torch.float64)[:, None]
     angle = pos / 10000 ** (2 * (torch.arange(dim) // 2) / dim)
     table = torch.where(torch.arange(dim) % 2 == 0, angle.sin(), angle.cos())
@@ -381,7 +381,7 @@ def sinusoid_table(n_position, dim):
 
 def interpolate_pos_embed_time(pos, t_old, t_new, cls_token=True):
     """Linear interpolation of a (1, [1+] T*HW, D) table in time, one spatial position at a time
-    (the official stage-1 -> stage-2 hand-off, 8 -> 4 frames; FACTS 2.2, 4.4)."""
+    (the official stage-1 -> stage-2 hand-off, 8 -> 4 frames; MM/models/backbones/internvideo2/pos_embed.py:185-233)."""
     if t_old == t_new:
         return pos
     cls, grid = (pos[:, :1], pos[:, 1:]) if cls_token else (pos[:, :0], pos)
@@ -391,8 +391,8 @@ def interpolate_pos_embed_time(pos, t_old, t_new, cls_token=True):
 
 
 # ------------------------------------------------------------------------------------------------
-# the token layout and the masks (FACTS 1.5). The encoder's tokens are CLS at index 0, then patch
-# (t, p) at 1 + t * Np + p: (t, h, w) order, Np patches per frame. A mask is the sorted index of the
+# the token layout and the masks (SM/engines/engine_for_pretraining.py:105-116). The encoder's tokens are CLS at index
+# 0, then patch (t, p) at 1 + t * Np + p: (t, h, w) order, Np patches per frame. A mask is the sorted index of the
 # tokens the student sees, visible (B, 1 + n): CLS first, then the kept patches in ascending order.
 # Every generator turns per-sample uniform noise (B, T', Np) into that index, keeping
 # Np - floor(ratio * Np) patches per frame: 52 of 256 at 0.8 (1 + 8 * 52 = 417 tokens).
@@ -408,8 +408,8 @@ def _visible_from_keys(keys, ratio):
 
 
 def attention_mask(attn, noise, ratio=0.8):
-    """Attention-guided masking, the official stage-1 default (FACTS 1.5, 6.5): per frame, order the
-    patches by weighted sampling WITHOUT replacement with probabilities proportional to the image
+    """Attention-guided masking, the official stage-1 default (SM/engines/engine_for_pretraining.py:105-116): per frame,
+    order the patches by weighted sampling WITHOUT replacement with probabilities proportional to the image
     teacher's pooling attention, and keep the first Np - floor(ratio * Np).
 
     attn: (B*T' or B, T', Np) non-negative weights; noise: (B, T', Np) uniform in (0, 1).
@@ -424,13 +424,13 @@ def attention_mask(attn, noise, ratio=0.8):
 
 
 def tube_mask(noise, ratio=0.8):
-    """Tube masking: one random spatial mask shared by every frame (the official crashes, FACTS 1.5)."""
+    """Tube masking: one random spatial mask per clip (official crashes: SM/engines/engine_for_pretraining.py:106)."""
     return _visible_from_keys(noise[:, :1].expand_as(noise), ratio)
 
 
 def random_mask(noise, ratio=0.8):
     """Random masking over the whole clip, N - floor(ratio * N) visible (the official stage-2
-    generator, FACTS 2.2: 1024 patches at 0.8 -> 205 visible + CLS)."""
+    generator, MM/models/mask.py:22-37: 1024 patches at 0.8 -> 205 visible + CLS)."""
     return _visible_from_keys(noise.flatten(1)[:, None], ratio)
 
 
@@ -456,8 +456,8 @@ def patch_index(visible):
 # the InternVideo2 video encoder (the student of stage 1; the vision tower of stages 2 and 3)
 
 class InternVideo2(nn.Module):
-    """InternVideo2 ViT (FACTS 1.2). Built `with_heads=True` it is the whole stage-1 pre-training
-    module (encoder + CLIP/MAE decoders + their position tables), with the official key names."""
+    """InternVideo2 ViT (SM/models/internvideo2_pretrain.py:406-744). Built `with_heads=True` it is the whole stage-1
+    pre-training module (encoder + CLIP/MAE decoders + their position tables), with the official key names."""
 
     def __init__(self, cfg: VisionConfig, with_heads=False):
         super().__init__()
@@ -470,7 +470,7 @@ class InternVideo2(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, dpr[i]) for i in range(cfg.depth))
         self.clip_projector = AttentionPool(D, cfg.pool_heads, cfg.pool_dim)
         self.with_heads = with_heads
-        if with_heads:                                       # FACTS 1.6, table
+        if with_heads:                                       # SM/models/internvideo2_pretrain.py:498-553
             self.clip_pos_embed = nn.Parameter(torch.zeros(1, N + 1, D))
             self.mae_pos_embed = nn.Parameter(torch.zeros(1, N, D))
             self.clip_decoder = nn.ModuleList(Decoder(D, cfg.clip_teacher_dim)
@@ -486,8 +486,8 @@ class InternVideo2(nn.Module):
     def init_weights(self):
         """Linear weights trunc_normal(0.02), biases 0; LayerNorm (1, 0); Conv3d PyTorch default;
         cls trunc_normal(0.02); every position table from the 3-D sin-cos (CLS row zeros); then
-        block l's attn.proj and mlp.fc2 weights / sqrt(2 l) (FACTS 1.2, 6.21). The decoders end up
-        trunc-normal too: the official global init runs after their own Xavier init."""
+        block l's attn.proj and mlp.fc2 weights / sqrt(2 l) (SM/models/internvideo2_pretrain.py:555-603). The decoders
+        end up trunc-normal too: the official global init runs after their own Xavier init."""
         if self.pos_embed.is_meta:
             return
         for m in self.modules():
@@ -510,8 +510,8 @@ class InternVideo2(nn.Module):
             blk.mlp.fc2.weight.div_(math.sqrt(2.0 * layer_id))
 
     def set_num_frames(self, t):
-        """Resize the position table in time for clips of t frames (linear interpolation, as the
-        official hand-offs between stages do; FACTS 4.4). A new Parameter: rebuild the optimizer."""
+        """Resize the position table in time for t frames (linear interpolation, as the official hand-offs
+        do: MM/models/backbones/internvideo2/pos_embed.py:137-233). A new Parameter: rebuild the optimizer."""
         if t == self.cfg.num_frames:
             return
         if self.with_heads:
@@ -521,7 +521,7 @@ class InternVideo2(nn.Module):
         self.cfg = replace(self.cfg, num_frames=t).validate()
 
     def no_weight_decay(self):
-        """Parameter names excluded from weight decay besides 1-D tensors and biases (FACTS 1.8)."""
+        """No-weight-decay names besides 1-D tensors and biases (SM/models/internvideo2_pretrain.py:612-627)."""
         return {"pos_embed", "cls_token", "clip_pos_embed", "mae_pos_embed"}
 
     def forward_features(self, video, visible=None, layers=(), stop_after=None):
@@ -556,7 +556,7 @@ class InternVideo2(nn.Module):
         return self.clip_projector(self.forward_features(video, visible)[0])
 
     def forward_distill(self, video, visible):
-        """Stage-1 student outputs at the visible slots, every one L2-normalised (FACTS 1.6, 1.9):
+        """Stage-1 student outputs at the visible slots, all L2-normalised (SM/models/internvideo2_pretrain.py:669-744):
         clip (Kc, B, Nv, clip_teacher_dim) from the last Kc blocks, CLS included;
         clip_final (B, clip_teacher_final_dim) from the pooled vector;
         mae (Km, B, Nv-1, mae_teacher_dim) from the last Km blocks, CLS excluded."""
@@ -580,7 +580,7 @@ class InternVideo2(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------
-# text encoder: BERT split into text layers and fusion layers (FACTS 2.3, 8.1)
+# text encoder: BERT split into text layers and fusion layers (MM/models/backbones/bert/xbert.py:599-611, 721-735)
 
 @dataclass
 class TextConfig:
@@ -646,13 +646,13 @@ class BertLayer(nn.Module):
         x = self.attn_norm(x + self.drop(self.attn(x, mask=mask)))
         if memory is not None:
             x = self.cross_norm(x + self.drop(self.cross(x, memory, memory_mask)))
-        return self.ffn_norm(x + self.drop(self.fc2(F.gelu(self.fc1(x)))))   # exact GELU (FACTS 8.1)
+        return self.ffn_norm(x + self.drop(self.fc2(F.gelu(self.fc1(x)))))  # erf: MM/configs/config_bert_large.json:7
 
 
 class TextEncoder(nn.Module):
     """BERT with an MLM head tied to the word embeddings. `forward_text` runs the text layers only
-    (the contrastive text feature is its [CLS] state, FACTS 6.16); `forward_fusion` runs the fusion
-    layers over given token states with cross-attention to a memory. causal=True makes every
+    (the contrastive text feature is its [CLS] state, MM/models/internvideo2_stage2_visual.py:281-288); `forward_fusion`
+    runs the fusion layers over given token states with cross-attention to a memory. causal=True makes every
     self-attention causal (the autoregressive variant of the third loss)."""
 
     def __init__(self, cfg: TextConfig):
@@ -713,11 +713,11 @@ class TextEncoder(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------
-# audio encoder: BEATs (FACTS 2.4, 8.2)
+# audio encoder: BEATs (MM/models/backbones/beats/BEATs.py:142-162; MM/models/backbones/beats/backbone.py:391-452)
 
 @dataclass
 class AudioConfig:
-    mel_bins: int = 64             # InternVideo2 feeds 64-bin fbanks, not BEATs' own 128 (FACTS 6.18)
+    mel_bins: int = 64             # InternVideo2 feeds 64-bin fbanks, not BEATs' own 128 (MM/dataset/av_utils.py:116)
     frames: int = 998              # fbank frames after padding (10 s at a 10 ms shift)
     patch: int = 16                # Conv2d kernel = stride over (frames, mel): 998 x 64 -> 62 x 4 = 248 tokens
     patch_dim: int = 512           # patch-embedding width
@@ -731,11 +731,11 @@ class AudioConfig:
     num_buckets: int = 320         # relative position bias (T5 buckets), shared from layer 0
     max_distance: int = 800
     gru_rel_pos: bool = True       # gated relative position bias
-    dropout: float = 0.1           # the official keeps the frozen BEATs in train mode (FACTS 6.18)
+    dropout: float = 0.1           # frozen, still in train mode (MM/models/internvideo2_stage2_audiovisual.py:119-122)
 
 
 # beats-base: the released BEATs iter3 checkpoints' cfg as far as known; load_beats reads the
-# checkpoint's own cfg when present (FACTS 7).
+# checkpoint's own cfg when present (its values are not verifiable from the official code).
 AUDIO_PRESETS = {
     "toy": AudioConfig(frames=96, patch_dim=64, dim=96, depth=2, heads=4, mlp_dim=384, pos_conv=16, pos_conv_groups=4,
                        num_buckets=32, max_distance=64, dropout=0.0),
@@ -784,7 +784,7 @@ class BeatsAttention(nn.Module):
         bias = None
         if pos_bias is not None:
             bias = pos_bias[None]
-            if self.gated:                                 # gate per layer, head and query (FACTS 8.2)
+            if self.gated:  # gate per layer, head and query (MM/models/backbones/beats/backbone.py:829-835)
                 B, H, N, _ = q.shape
                 a, b = torch.sigmoid(self.grep_linear(q).view(B, H, N, 2, 4).sum(-1)).chunk(2, dim=-1)
                 bias = (a * (b * self.grep_a - 1.0) + 2.0) * bias
@@ -808,7 +808,7 @@ class BeatsLayer(nn.Module):
 
     def forward(self, x, pos_bias):
         x = self.self_attn_layer_norm(self.alpha * x + self.drop(self.self_attn(x, pos_bias)))
-        h = F.gelu(self.fc1(x).float()).to(x.dtype)        # GELU in fp32 (FACTS 8.2)
+        h = F.gelu(self.fc1(x).float()).to(x.dtype)        # GELU in fp32 (MM/models/backbones/beats/modules.py:93-94)
         return self.final_layer_norm(self.alpha * x + self.drop(self.fc2(self.drop(h))))
 
 
@@ -844,8 +844,8 @@ class BeatsEncoder(nn.Module):
 class AudioEncoder(nn.Module):
     """BEATs: fbank (B, frames, mel) -> Conv2d 16x16 patches (time-major tokens) -> LayerNorm ->
     projection -> conv position embedding + LayerNorm -> post-LN layers -> (B, N, dim); no final norm.
-    Parameter names follow the official checkpoint (FACTS 4.3) except the weight-normed position conv
-    (`encoder.pos_conv.0.weight_g` there, `encoder.pos_conv.weight_g` here; load_beats maps it)."""
+    Parameter names follow the official checkpoint (MM/models/backbones/beats/BEATs.py:86-101) except the weight-normed
+    position conv (`encoder.pos_conv.0.weight_g` there, `encoder.pos_conv.weight_g` here; load_beats maps it)."""
 
     def __init__(self, cfg: AudioConfig):
         super().__init__()
@@ -863,24 +863,24 @@ class AudioEncoder(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------
-# the stage-2 model (FACTS 2.1, 2.5)
+# the stage-2 model (MM/models/internvideo2_stage2_visual.py:40-44; MM/models/internvideo2_stage2_audiovisual.py:47-75)
 
 class Stage2Model(nn.Module):
     """Vision encoder + BERT (+ frozen BEATs) with the projection heads of stage 2. Top-level names
     follow the official checkpoints (vision_encoder, text_encoder, audio_encoder, vision_proj, ...).
-    With audio, every vision token is projected to av_dim + LayerNorm before it enters
-    cross-attention, and the fusion layers read av_dim-wide memories (FACTS 6.17)."""
+    With audio, every vision token is projected to av_dim + LayerNorm before it enters cross-attention,
+    and the fusion layers read av_dim-wide memories (MM/models/internvideo2_stage2_audiovisual.py:47, 811-816)."""
 
     def __init__(self, vcfg: VisionConfig, tcfg: TextConfig, acfg: AudioConfig = None, contrastive_dim=None, av_dim=768,
                  temp=0.07):
         super().__init__()
-        contrastive_dim = contrastive_dim or (768 if acfg else 512)     # official: 1B 512, 6B 768 (FACTS 2.1)
+        contrastive_dim = contrastive_dim or (768 if acfg else 512)  # 1B: MM/scripts/pretraining/stage2/1B/config.py:78
         self.vision_encoder = InternVideo2(vcfg)
         self.text_encoder = TextEncoder(replace(tcfg, cross_width=av_dim if acfg else vcfg.dim))
         self.vision_proj = nn.Linear(vcfg.pool_dim, contrastive_dim)
         self.text_proj = nn.Linear(tcfg.dim, contrastive_dim)
         self.itm_head = nn.Linear(tcfg.dim, 2)
-        self.temp = nn.Parameter(torch.tensor(temp))        # clamped to [0.001, 0.5] each step (FACTS 2.6)
+        self.temp = nn.Parameter(torch.tensor(temp))  # clamp per step: MM/models/internvideo2_stage2_visual.py:292-294
         self.has_audio = acfg is not None
         if acfg:
             self.audio_encoder = AudioEncoder(acfg)
@@ -907,7 +907,7 @@ class Stage2Model(nn.Module):
 
     def encode_audio(self, fbank):
         """-> memory tokens (B, Na, av_dim), raw projected embedding (B, E) of the mean token (taken
-        before the concat projection, FACTS 6.17)."""
+        before the concat projection, MM/models/internvideo2_stage2_audiovisual.py:727-729)."""
         a = self.audio_encoder(fbank)
         return self.av_concat_audio_proj(a), self.audio_proj(a.mean(1))
 
@@ -926,7 +926,7 @@ class Stage2Model(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------
-# stage 3: the Q-Former bridge (FACTS 3, VideoChat2)
+# stage 3: the Q-Former bridge (VideoChat2: VC2/models/blip2/blip2.py:53-69)
 
 @dataclass
 class QFormerConfig:
@@ -985,10 +985,10 @@ class QFormerLayer(nn.Module):
 
 class QFormer(nn.Module):
     """Learned queries that read the video through cross-attention and talk to text through shared
-    self-attention. Modes (the attention mask decides):
+    self-attention (VC2/models/videochat_mistra/videochat2_it_mistral.py:198-216). Modes (the attention mask decides):
       query    queries only -> the visual tokens for the LLM, or the contrastive embedding
       text     text only -> its [CLS] for the contrastive loss
-      joint    queries and text see each other (matching; instruction-conditioned queries, FACTS 3)
+      joint    queries and text see each other (matching; instruction-conditioned queries)
       caption  queries see queries, text sees the queries and earlier text (captioning loss)"""
 
     def __init__(self, cfg: QFormerConfig):
@@ -1211,7 +1211,7 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 
 def add_lora(llm, r=16, alpha=32, dropout=0.1, targets=LORA_TARGETS):
-    """Freeze the LLM and wrap every target Linear in LoRA (r=16, alpha=32, dropout 0.1; FACTS 3)."""
+    """Freeze the LLM and wrap every target Linear in LoRA (VC2/scripts/videochat_mistral/config_7b_stage3.py:79-82)."""
     llm.requires_grad_(False)
     for parent in list(llm.modules()):
         for name, child in list(parent.named_children()):
@@ -1230,9 +1230,9 @@ def merge_lora(llm):
 
 
 class Stage3Model(nn.Module):
-    """Video encoder (tokens of its penultimate block + an extra LayerNorm) -> Q-Former (queries,
-    optionally conditioned on the instruction) -> Linear to the LLM width -> LLM (FACTS 3). The
-    contrastive/matching heads serve the Q-Former alignment sub-stage."""
+    """Video encoder (penultimate-block tokens + an extra LayerNorm) -> Q-Former (queries, optionally conditioned on
+    the instruction) -> Linear to the LLM width -> LLM (VC2/models/videochat_mistra/videochat2_it_mistral.py:175-256).
+    The contrastive/matching heads serve the Q-Former alignment sub-stage."""
 
     def __init__(self, vcfg: VisionConfig, qcfg: QFormerConfig, lcfg: LLMConfig, contrastive_dim=256, temp=0.07):
         super().__init__()
@@ -1248,7 +1248,7 @@ class Stage3Model(nn.Module):
 
     def set_trainable(self, substage):
         """Sub-stage 1: the Q-Former and its heads. 2: + video encoder and projection, LLM frozen.
-        3: + LoRA adapters on the frozen LLM (FACTS 3)."""
+        3: + LoRA adapters on the frozen LLM (VC2/README.md:78-80)."""
         self.requires_grad_(False)
         for m in (self.qformer, self.vision_proj, self.text_proj, self.itm_head):
             m.requires_grad_(True)

@@ -1,11 +1,11 @@
 """pretrain_toys.py: toy stand-ins for the pre-trained checkpoints the official recipe starts from.
 
-Stage 2 starts its text encoder from bert-large-uncased and stage 3 its Q-Former from bert-base-uncased
-and its LLM from Mistral-7B (FACTS 2.3, 3). Random networks in their place make matching and the frozen
-LLM of stage 3 unlearnable at toy scale, so ToyWorld gets small pre-trained ones, trained on its
-training texts in seconds and saved with Hugging Face key names, to be loaded through the very
-functions that load the real checkpoints (load_bert, load_llm). The stage scripts call these when the
-toy checkpoints are missing.
+Stage 2 starts its text encoder from bert-large-uncased (MM/configs/model.py:12-18) and stage 3 its Q-Former
+from bert-base-uncased (VC2/models/blip2/blip2.py:53) and its LLM from Mistral-7B
+(VC2/scripts/videochat_mistral/config_7b_stage3.py:38). Random networks in their place make matching and the frozen
+LLM of stage 3 unlearnable at toy scale, so ToyWorld gets small pre-trained ones, trained on its training texts in
+seconds and saved with Hugging Face key names, to be loaded through the very functions that load the real checkpoints
+(load_bert, load_llm). The stage scripts call these when the toy checkpoints are missing.
 
     python pretrain_toys.py --data=data/toyworld        # writes out/text/toy_bert.pt and out/llm/toy_llm.pt
 """

@@ -1,10 +1,10 @@
 """teachers.py: the two frozen stage-1 teachers, their checkpoint loading, and pre-training of the toy
 teachers on ToyWorld.
 
-  InternViTTeacher   image teacher (InternViT-6B, the vision tower of InternVL-C; FACTS 1.4): runs
+  InternViTTeacher   image teacher (InternViT-6B of InternVL-C, SM/models/internvl_clip_vision.py:336-465): runs
                      frame by frame; returns the last K blocks' tokens with the frame-averaged CLS,
                      the frame-averaged pooled vector, and its pooling query's attention per frame
-  VideoMAETeacher    video teacher (VideoMAEv2-g; FACTS 1.4): tubelet 2 over twice the student's
+  VideoMAETeacher    video teacher (VideoMAEv2-g; SM/models/videomae.py:329-338): tubelet 2 over twice the student's
                      frames; returns the last K blocks' tokens, the final LayerNorm on the last only
   Teachers           both, frozen and kept OUTSIDE the student: not its submodules, so never in its
                      optimizer, its DDP wrapper or its checkpoint, and never back in training mode
@@ -32,7 +32,7 @@ from checkpoints import key_names
 from model import (AttentionPool, Block, PatchEmbed, VisionConfig, count_params, patch_index, preset, sincos_2d,
                    sinusoid_table, tube_mask)
 
-# Official teacher shapes (FACTS 1.4); drop path is irrelevant for a frozen teacher.
+# Official teacher shapes (SM/models/internvl_clip_vision.py:336-363; SM/models/videomae.py:329-332), without drop path.
 CLIP_TEACHER_PRESETS = {
     "toy": VisionConfig(img_size=32, patch_size=8, num_frames=8, dim=96, depth=4, heads=4,
                         mlp_dim=384, layerscale=0.1, drop_path=0.0, pool_heads=4, pool_dim=96,
@@ -62,7 +62,7 @@ class InternViTTeacher(nn.Module):
         self.cfg = cfg = replace(cfg, tubelet_size=1, num_frames=1)
         self.patch_embed = PatchEmbed(cfg)                     # Conv3d, temporal kernel 1 ("inflated")
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
-        # 2-D, frozen (FACTS 1.4); the official loads it from the checkpoint, the toy starts from sin-cos
+        # 2-D, frozen (SM/models/internvl_clip_vision.py:390); official: from the checkpoint, toy: sin-cos
         table = torch.cat([torch.zeros(1, cfg.dim), sincos_2d(cfg.dim, cfg.grid[1]).float()])
         self.pos_embed = nn.Parameter(table[None].clone(), requires_grad=False)   # (1, 1+HW, D)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
@@ -86,7 +86,7 @@ class InternViTTeacher(nn.Module):
         return self.clip_projector(self.tokens(images[:, :, None])[0])
 
     def forward(self, video):
-        """video (B, 3, T, H, W) -> dict, every feature L2-normalised per token (FACTS 1.4, 1.9):
+        """video (B, 3, T, H, W) -> dict, all L2-normalised per token (SM/models/internvl_clip_vision.py:445-463):
         clip (K, B, 1 + T*HW, D): last K blocks, ascending; CLS averaged over frames, then all patches
         clip_final (B, pool_dim): pooled vector averaged over frames
         attn (B, T, HW): the pooling query's head-averaged attention over each frame's patches."""
@@ -127,7 +127,7 @@ class VideoMAETeacher(nn.Module):
 
     def forward(self, video):
         """-> (K, B, N, D): the last K blocks, ascending, final LayerNorm on the last one only, every
-        token L2-normalised (FACTS 1.4, 6.8)."""
+        token L2-normalised (SM/models/videomae.py:296-306)."""
         K, depth = self.cfg.mae_return_layers, self.cfg.depth
         x = self.patch_embed(video).flatten(1, 2) + self.pos_embed
         z = []
@@ -173,8 +173,8 @@ class Teachers:
 
     @torch.no_grad()
     def __call__(self, video):
-        """video (B, 3, 2T, H, W): the MAE teacher sees all 2T frames (tubelet 2), the image teacher
-        (like the student) the even ones (FACTS 1.3, 6.9). Returns clip, clip_final, attn, mae."""
+        """video (B, 3, 2T, H, W): the MAE teacher sees all 2T frames (tubelet 2), the image teacher (like
+        the student) the even ones (SM/engines/engine_for_pretraining.py:83-95). Returns clip, clip_final, attn, mae."""
         out = self.clip(video[:, :, ::2])
         out["mae"] = self.mae(video)
         return out

@@ -3,7 +3,7 @@
 The student sees 20% of the patches of an 8-frame clip (attention-guided masking from the image
 teacher) and regresses, at those positions only, the tokens of an image teacher (InternViT-6B:
 last 6 blocks + its pooled vector) and of a video teacher (VideoMAEv2-g, 16 frames: last 4 blocks),
-with 2 - 2cos losses on L2-normalised features (FACTS 1). README.md explains the method.
+with 2 - 2cos losses on L2-normalised features (SM/scripts/pretraining/1B_pt.sh:19-67). README.md explains the method.
 
     python train_stage1.py                                   # toy on ToyWorld, CPU, < 5 min
     python train_stage1.py --help                            # every option
@@ -38,9 +38,9 @@ class Stage1Config:
     crop_scale: float = 0.6         # smallest crop area fraction of the random resized crop (1.0 = no crop)
     # student
     preset: str = "toy"             # toy | S | B | L | 1B | 6B (model.py)
-    num_frames: int = 8             # student frames; the video teacher sees twice as many (FACTS 1.3)
+    num_frames: int = 8             # student frames; the video teacher sees twice as many (SM/run_pretraining.py:238)
     img_size: int = 0               # 0 = the preset's (toy 32, others 224)
-    drop_path: float = -1.0         # -1 = the preset's (1B 0.25, 6B 0.3; FACTS 1.8)
+    drop_path: float = -1.0         # -1 = the preset's (1B 0.25, 6B 0.3; SM/scripts/pretraining/*_pt.sh:46)
     # teachers
     clip_teacher: str = "toy"       # toy | internvit-6b
     mae_teacher: str = "toy"        # toy | videomae-g
@@ -49,12 +49,12 @@ class Stage1Config:
     random_teachers: bool = False   # random-init teachers (benchmarks, tests); the probe is then meaningless
     teacher_steps: tuple = (450, 100)  # (image, video) teacher steps when the toy teachers must be pre-trained
     # masking and loss
-    mask_type: str = "attention"    # attention | tube | random (FACTS 1.5)
+    mask_type: str = "attention"    # attention | tube | random (SM/scripts/pretraining/1B_pt.sh:23-24)
     mask_ratio: float = 0.8         # fraction of each frame's patches hidden from the student
     w_clip: float = 1.0             # weight of the image-teacher layer term
     w_clip_final: float = 1.0       # weight of the image-teacher pooled term
     w_mae: float = 1.0              # weight of the video-teacher layer term
-    # optimisation (FACTS 1.8)
+    # optimisation (SM/scripts/pretraining/1B_pt.sh:45-62; SM/run_pretraining.py:351-353)
     batch_size: int = 32            # clips per micro-batch per process
     grad_accum: int = 1             # micro-batches per optimizer step
     max_steps: int = 200            # optimizer steps (0 = only evaluate the initial weights)
@@ -82,7 +82,7 @@ class Stage1Config:
     eval: bool = True               # linear-probe evaluation at the end
     probe_train_clips: int = 600    # training clips the probes are fitted on
 
-    # Defaults that depend on the preset, (toy, full): the full column is the official recipe (FACTS 1.8);
+    # Defaults that depend on the preset, (toy, full): the full column is official (SM/run_pretraining.py:141-146);
     # the toy trains 200 steps, not 301 epochs (README, differences). img_size and drop_path: the preset's.
     BY_PRESET = {"lr": (6e-3, 1.5e-4), "min_lr": (1e-4, 1e-5)}
 
@@ -147,7 +147,7 @@ def main(argv=None):
     if cfg.fsdp:
         shard(model, rt)                                               # before the optimizer sees it
     global_batch = cfg.batch_size * cfg.grad_accum * rt.world
-    lr_scale = global_batch / 256                                      # FACTS 1.8
+    lr_scale = global_batch / 256                                      # SM/run_pretraining.py:351-353
     optimizer = build_optimizer(student, cfg.lr * lr_scale, cfg.weight_decay, (0.9, cfg.beta2), 1e-6,
                                 student.no_weight_decay(), rt.device.type)
     scaler = rt.make_scaler()

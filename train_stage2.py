@@ -2,9 +2,9 @@
 
 Starting from the stage-1 student, a BERT text encoder (19 text + 5 fusion layers for bert-large) and
 a frozen BEATs audio encoder are trained together with three kinds of loss on 80%-masked video
-(FACTS 2): contrastive (VTC: video-text, AVTC: audio+video-text, ATC: audio-text), matching with hard
-negatives (VTM, AVTM), and masked language modelling conditioned on the video (MLM, AVMLM).
-README.md explains the method; `--mlm_mode=causal` swaps the masked LM for autoregressive captioning.
+(MM/scripts/pretraining/stage2/6B/config.py:98-127): contrastive (VTC: video-text, AVTC: audio+video-text, ATC:
+audio-text), matching with hard negatives (VTM, AVTM), and masked language modelling conditioned on the video (MLM,
+AVMLM). README.md explains the method; `--mlm_mode=causal` swaps the masked LM for autoregressive captioning.
 
     python train_stage2.py --init_from=out/stage1/ckpt.pt        # toy on ToyWorld, CPU, about 4 min
     python train_stage2.py --help
@@ -45,7 +45,7 @@ class Stage2Config:
     preset: str = "toy"             # vision: toy | S | B | L | 1B | 6B
     text: str = "toy"               # text encoder: toy | bert-base | bert-large
     audio: str = "toy"              # audio encoder: toy | beats-base | none (the 1B recipe has no audio)
-    num_frames: int = 4             # frames per clip (FACTS 2.1)
+    num_frames: int = 4             # frames per clip (MM/scripts/pretraining/stage2/1B/config.py:19-20)
     img_size: int = 0               # 0 = the preset's
     drop_path: float = -1.0         # -1 = the preset's
     contrastive_dim: int = 0              # contrastive width; 0 = by preset
@@ -55,7 +55,7 @@ class Stage2Config:
     random_text: bool = False       # start the text encoder from random weights (tests)
     audio_ckpt: str = ""            # BEATs checkpoint ({'cfg', 'model'}) for the audio encoder
     train_audio: bool = False       # train the audio encoder (the official 6B recipe freezes it)
-    # losses (FACTS 2.6)
+    # losses (MM/models/criterions.py:65-342)
     mask_ratio: float = -1.0        # random video masking for every loss in training; -1 = by preset
     mlm_prob: float = 0.5           # masked-LM masking rate (80/10/10 split)
     mlm_mode: str = "mlm"           # mlm (official) | causal (autoregressive captioning, the write-ups' version)
@@ -67,7 +67,7 @@ class Stage2Config:
     w_avtm: float = 1.0             # audio+video-text matching
     w_avmlm: float = 1.0            # masked LM on audio+video
     captions: str = ""              # loss:caption_key pairs, e.g. vtc:caption; the losses not named: by preset
-    # optimisation (FACTS 2.8)
+    # optimisation (MM/scripts/pretraining/stage2/1B/config.py:97-107)
     batch_size: int = 32            # clips per process and step (official 64; no accumulation, see the docstring)
     max_steps: int = 300            # optimizer steps (0 = only evaluate --init_from)
     warmup_steps: int = 30          # warmup from 0.01 lr
@@ -89,14 +89,14 @@ class Stage2Config:
     log_every: int = 10             # steps between log.txt lines
     max_nan_in_a_row: int = 5       # non-finite losses in a row that stop the run
     eval: bool = True               # zero-shot retrieval + classification at the end
-    rerank_k: int = 128             # candidates re-ranked by the matching head (FACTS 5.1)
+    rerank_k: int = 128             # candidates for VTM re-ranking (MM/scripts/pretraining/stage2/1B/config.py:114)
     eval_batch: int = 64            # clips per evaluation batch
 
     grad_accum = 1                  # fixed: see the docstring
 
     # Defaults that depend on the recipe, (toy, 1B: video only, 6B: audio-visual). The 1B and 6B columns
-    # are the official configs (FACTS 2.1, 2.6, 2.8); toy: 16 patches a frame hide the object at 80%
-    # masking, and ToyWorld evaluates text -> video, -> audio and -> audio+video (README, differences).
+    # are the official configs (MM/scripts/pretraining/stage2/*/config.py); toy: 16 patches a frame hide the object at
+    # 80% masking, and ToyWorld evaluates text -> video, -> audio and -> audio+video (README, differences).
     BY_PRESET = {
         "lr": (1e-3, 5e-5, 5e-5), "mask_ratio": (0.5, 0.8, 0.8), "w_atc": (1.0, 0.0, 0.0),
         "contrastive_dim": (96, 512, 768), "av_dim": (96, 768, 768), "max_text_len": (24, 32, 40),

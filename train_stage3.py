@@ -1,5 +1,5 @@
-"""Stage 3 of InternVideo2 (VideoChat2-style): connect the video encoder to an LLM through a Q-Former
-and train by next-token prediction on video-centric instructions (FACTS 3).
+"""Stage 3 of InternVideo2 (VideoChat2-style): connect the video encoder to an LLM through a Q-Former and train
+by next-token prediction on video-centric instructions (VC2/models/videochat_mistra/videochat2_it_mistral.py:231-319).
 
 Three sub-stages, run in order by default (each from the previous one's weights):
   1  Q-Former alignment: contrastive + matching + captioning between the Q-Former's queries and the
@@ -59,11 +59,11 @@ class Stage3Config:
     init_from: str = ""             # stage-2 checkpoint (video encoder, pos-embed 4 -> 8 frames) or a stage-3 one
     qformer_bert: str = ""          # BERT state dict (HF names) for the Q-Former; toy: "" = out/text/toy_bert.pt
     llm_ckpt: str = ""              # LLM state dict (HF names); toy: "" = out/llm/toy_llm.pt (both trained if missing)
-    qformer_text_input: bool = True # feed the instruction to the Q-Former with the queries (FACTS 3)
-    lora_r: int = 16                # LoRA rank, alpha and dropout for sub-stage 3 (FACTS 3)
+    qformer_text_input: bool = True # instruction -> Q-Former (VC2/scripts/videochat_mistral/config_7b_stage3.py:69)
+    lora_r: int = 16                # LoRA r, alpha, dropout (VC2/scripts/videochat_mistral/config_7b_stage3.py:79-82)
     lora_alpha: int = 32
     lora_dropout: float = 0.1
-    # schedule (FACTS 3: lr 1e-4, 1e-4, 2e-5; wd 0.02; betas (0.9, 0.999))
+    # schedule: lr 1e-4, 1e-4, 2e-5; wd 0.02; betas 0.9, 0.999 (VC2/scripts/videochat_mistral/config_7b_stage3.py:86-96)
     substage: int = 0               # 1 | 2 | 3; 0 = all three in order
     steps: tuple = (80, 120, 220)   # optimizer steps of sub-stages 1, 2, 3 (set them for your data)
     lrs: tuple = ()                 # peak lr of each sub-stage; () = by preset
@@ -89,8 +89,8 @@ class Stage3Config:
     eval: bool = True               # held-out QA and captioning at the end
     eval_batch: int = 64            # clips per evaluation batch
 
-    # Defaults that depend on the preset, (toy, full). Full: the official recipe (FACTS 3); toy: the coarse
-    # toy position table does not survive 4 -> 8 frames, and the toy networks train at a higher lr.
+    # Defaults by preset, (toy, full). Full: the official one (VC2/scripts/videochat_mistral/config_7b_stage3.py:13-96);
+    # toy: the coarse toy position table does not survive 4 -> 8 frames, and the toy networks train at a higher lr.
     BY_PRESET = {"lrs": ((1e-3, 1e-3, 1e-3), (1e-4, 1e-4, 2e-5)), "frames": ((4, 4, 4), (4, 4, 8)),
                  "max_llm_len": (48, 512)}
 
