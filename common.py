@@ -7,9 +7,9 @@
   state       atomic checkpoints, full resume state (model, optimizer, scaler, step, RNG per rank)
   logging     print0, log.txt (config, git commit, torch, device), metrics.json
 
-Every stage script reads: cfg = parse_config(Cfg(), argv) -> rt = setup_runtime(...) -> ... -> loop
-with train_step(DDP(WithLoss(model, loss_fn)), ...) -> save_checkpoint(...). Nothing here imports a
-stage script.
+Every stage script reads: cfg = parse_config(Cfg(), argv) -> rt = setup_runtime(...) -> ... ->
+training_loop(DDP(WithLoss(model, the stage's objective from losses.py)), ...) -> finish(...).
+Nothing here imports a stage script.
 """
 import ast
 import datetime
