@@ -240,7 +240,11 @@ def test_stage1_to_stage2_hand_off_loads_every_encoder_weight(tmp_path):
     student = InternVideo2(vcfg1, with_heads=True)
     torch.save({"stage": 1, "model": student.state_dict(), "model_config": asdict(vcfg1)}, tmp_path / "s1.pt")
     model = Stage2Model(vision_preset("toy", num_frames=4), text_preset("toy", vocab_size=40), audio_preset("toy"), 96, 96)
-    load_video_encoder(model, torch.load(tmp_path / "s1.pt", weights_only=False))
+    logged = []
+    report = load_video_encoder(model, torch.load(tmp_path / "s1.pt", weights_only=False), log=logged.append)
+    skipped = sorted(k for k in student.state_dict() if k not in model.vision_encoder.state_dict())
+    assert report["skipped"] == skipped and "mae_decoder.*.norm.weight (x2)" in logged[0]   # every head, named
+    assert report["fresh"] and not any(k.startswith("vision_encoder.") for k in report["fresh"])
     enc, src = model.vision_encoder.state_dict(), student.state_dict()
     for k, v in enc.items():
         if k != "pos_embed":

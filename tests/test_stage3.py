@@ -144,7 +144,8 @@ def test_stage2_to_stage3_hand_off_loads_the_encoder(tmp_path):
     s2 = Stage2Model(vcfg2, text_preset("toy", vocab_size=40), audio_preset("toy"), 96, 96)
     torch.save({"stage": 2, "model": s2.state_dict(), "model_config": {"vision": asdict(vcfg2)}}, tmp_path / "s2.pt")
     model = _stage3()
-    load_video_encoder(model, torch.load(tmp_path / "s2.pt", weights_only=False))
+    report = load_video_encoder(model, torch.load(tmp_path / "s2.pt", weights_only=False), log=lambda msg: None)
+    assert report["skipped"] == sorted(k for k in s2.state_dict() if not k.startswith("vision_encoder."))
     src, enc = s2.vision_encoder.state_dict(), model.vision_encoder.state_dict()
     for k, v in enc.items():
         if k != "pos_embed":
