@@ -11,8 +11,14 @@ model.py holds the networks; this file holds how other people's files map onto t
 own layouts load in teachers.py (load_teacher).
 """
 import re
+from pathlib import Path
 
 from model import AudioEncoder, TextConfig, audio_preset, interpolate_pos_embed_time, text_preset
+
+
+# The toy stand-ins for the downloaded checkpoints (the two teachers, BERT, the LLM), trained on ToyWorld and
+# shipped with the repository; `python pretrain_toys.py --out=toys` rebuilds all four (README).
+TOYS = Path(__file__).resolve().parent / "toys"
 
 
 def key_names(keys):

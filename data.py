@@ -10,9 +10,8 @@ The real data format (DESIGN.md) is a JSONL file, one sample per line, paths rel
 (ToyWorld's `attrs`) is carried along untouched.
 
 ToyWorld is the embedded default: a seeded generator of 32x32, 16-frame clips of one shape (4 shapes,
-6 colours, 2 sizes) moving in one of 4 directions at one of 2 speeds, with a motion trail, over a
-textured background,
-with a 1 s, 16 kHz sound track (a beep whose timbre follows the shape, pitch the size and rhythm
+6 colours, 2 sizes) moving in one of 4 directions at one of 2 speeds over a textured background (no
+motion trail: a single frame shows neither direction nor speed), with a 1 s, 16 kHz sound track (a beep whose timbre follows the shape, pitch the size and rhythm
 the speed, then two synthetic "spoken" words) and every caption type. It is written to disk in the
 real format, so the real reader is what every run uses.
 
@@ -45,9 +44,9 @@ class DataError(ValueError):
 SHAPES = ["circle", "square", "triangle", "cross"]
 COLORS = {"red": (220, 45, 45), "green": (50, 200, 70), "blue": (60, 90, 235),
           "yellow": (235, 215, 50), "purple": (170, 70, 210), "white": (235, 235, 235)}
-SIZES = {"small": 3.8, "large": 6.0}               # radius in pixels at 32 px
+SIZES = {"small": 4.5, "large": 7.0}               # radius in pixels at 32 px
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
-SPEEDS = {"slowly": 0.5, "quickly": 1.1}            # pixels per frame over 16 frames
+SPEEDS = {"slowly": 0.6, "quickly": 1.6}            # pixels per frame over 16 frames
 TIMBRES = {"circle": "whistle", "square": "buzz", "triangle": "horn", "cross": "bell"}
 PITCHES = {"small": ("high", 880.0), "large": ("low", 330.0)}
 WORDS = ["apple", "river", "stone", "cloud", "tiger", "lemon", "piano", "rocket"]
@@ -80,32 +79,31 @@ def _shape_mask(shape, cx, cy, r, yy, xx):
 
 
 def _render_frames(a, rng):
-    """(16, 32, 32, 3) uint8: a static textured background and one anti-aliased moving shape."""
+    """(16, 32, 32, 3) uint8: a static textured background and one anti-aliased moving shape; only the
+    comparison of frames shows where it goes and how fast."""
     ss = 3                                                     # 3x supersampling for sub-pixel motion
     yy, xx = np.mgrid[0:SIZE_PX * ss, 0:SIZE_PX * ss] / ss + 0.5 / ss
     bg = rng.uniform(10, 90, size=3) + rng.normal(0, 10, size=(SIZE_PX, SIZE_PX, 3))
     r, speed = SIZES[a["size"]], SPEEDS[a["speed"]]
     (ux, uy), travel = DIRECTIONS[a["direction"]], SPEEDS[a["speed"]] * (FRAMES - 1)
-    # start so that the whole path stays inside the frame
+    # across the motion the whole object stays in the frame; along it the path may reach the edge (a quick
+    # object crosses most of the frame and ends partly outside), so that speed is plain to see
     lo, hi = r + 0.5, SIZE_PX - r - 0.5
     start = [rng.uniform(lo, hi), rng.uniform(lo, hi)]
     for axis, u in ((0, ux), (1, uy)):
+        lo_m, hi_m = min(lo, 2.0 + 0.5 * r), max(hi, SIZE_PX - 2.0 - 0.5 * r)
         if u > 0:
-            start[axis] = rng.uniform(lo, hi - travel)
+            start[axis] = rng.uniform(lo_m, max(lo_m, hi_m - travel))
         elif u < 0:
-            start[axis] = rng.uniform(lo + travel, hi)
+            start[axis] = rng.uniform(min(hi_m, lo_m + travel), hi_m)
     color = np.array(COLORS[a["color"]], dtype=np.float64)
     frames = np.empty((FRAMES, SIZE_PX, SIZE_PX, 3), dtype=np.uint8)
     for t in range(FRAMES):
         img = bg.copy()
-        # a fading motion trail (motion blur) behind the object: its length grows with speed, so a
-        # single frame shows direction and speed, not only the comparison of frames
-        for k, alpha in ((3, 0.2), (2, 0.35), (1, 0.5), (0, 1.0)):
-            back = k * speed * 2.0
-            cx, cy = start[0] + ux * (speed * t - back), start[1] + uy * (speed * t - back)
-            cover = _shape_mask(a["shape"], cx, cy, r, yy, xx).astype(np.float64)
-            cover = alpha * cover.reshape(SIZE_PX, ss, SIZE_PX, ss).mean((1, 3))[..., None]   # (32, 32, 1)
-            img = img * (1 - cover) + color * cover
+        cx, cy = start[0] + ux * speed * t, start[1] + uy * speed * t
+        cover = _shape_mask(a["shape"], cx, cy, r, yy, xx).astype(np.float64)
+        cover = cover.reshape(SIZE_PX, ss, SIZE_PX, ss).mean((1, 3))[..., None]   # (32, 32, 1) coverage
+        img = img * (1 - cover) + color * cover
         frames[t] = np.clip(img, 0, 255).astype(np.uint8)
     return frames
 
@@ -201,7 +199,7 @@ def make_toyworld(root=TOYWORLD, n_train=2000, n_val=500, seed=0, workers=2, ver
     """Write ToyWorld to `root` (train.jsonl, val.jsonl, videos/, audio/, meta.json) unless a copy
     with the same settings is already there. Returns the root as a Path."""
     root = Path(root)
-    meta = {"version": 5, "n_train": n_train, "n_val": n_val, "seed": seed}
+    meta = {"version": 7, "n_train": n_train, "n_val": n_val, "seed": seed}
     if (root / "meta.json").exists() and json.loads((root / "meta.json").read_text()).get("settings") == meta:
         return root
     (root / "videos").mkdir(parents=True, exist_ok=True)

@@ -68,53 +68,108 @@ def _accuracy(w, b, x, y):
     return float(((x @ w + b).argmax(1) == y).float().mean())
 
 
+class AttentiveProbe(torch.nn.Module):
+    """A learned query cross-attends to frozen tokens (model.PoolCrossAttention), then LayerNorm and a linear
+    classifier: (B, L, D) -> (B, classes). The query is a parameter, not the tokens' mean (as in the
+    clip_projector), so it can ask for the same thing in every clip."""
+
+    def __init__(self, dim, heads, n_classes):
+        super().__init__()
+        from model import PoolCrossAttention
+        self.query = torch.nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+        self.norm_kv = torch.nn.LayerNorm(dim)
+        self.attn = PoolCrossAttention(dim, heads, dim)
+        self.head = torch.nn.Sequential(torch.nn.LayerNorm(dim), torch.nn.Linear(dim, n_classes))
+
+    def forward(self, x):
+        kv = self.norm_kv(x)
+        return self.head(self.attn(self.query.expand(x.shape[0], -1, -1), kv, kv)[0][:, 0])
+
+
+def attentive_probe(x_train, y_train, x_test, y_test, n_classes, steps=300, batch=64, lr=3e-3, wd=0.05,
+                    heads=4, seed=0):
+    """Accuracy of an attentive probe on frozen *tokens* (N, L, D), the protocol VideoMAE and V-JEPA use
+    for frozen video encoders: AttentiveProbe trained with AdamW on mini-batches. Unlike the linear probe
+    on a pooled vector it can find the object's tokens and compare them across frames."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    mu, sd = x_train.mean((0, 1)), x_train.std((0, 1)) + 1e-6              # standardise per channel
+    xtr, xte = (x_train - mu) / sd, (x_test - mu) / sd
+    probe = AttentiveProbe(xtr.shape[-1], heads, n_classes)
+    opt = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=wd)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.1)
+    with torch.enable_grad():
+        for _ in range(steps):
+            i = torch.randint(len(xtr), (min(batch, len(xtr)),), generator=g)
+            loss = F.cross_entropy(probe(xtr[i]), y_train[i])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    with torch.no_grad():
+        pred = torch.cat([probe(xte[j:j + 256]).argmax(1) for j in range(0, len(xte), 256)])
+    return float((pred == y_test).float().mean())
+
+
 def attribute_labels(records, attr):
     classes = ATTRIBUTES[attr]
     return torch.tensor([classes.index(r["attrs"][attr]) for r in records])
 
 
-def probe_attributes(feat_train, records_train, feat_val, records_val):
-    """{attribute: held-out accuracy} for every ToyWorld attribute the records carry."""
+def probe_attributes(feat_train, records_train, feat_val, records_val, probe=None):
+    """{attribute: held-out accuracy} for every ToyWorld attribute the records carry. probe: linear_probe
+    (the default, on (N, D) vectors) or attentive_probe (on (N, L, D) tokens)."""
     out = {}
     for attr, classes in ATTRIBUTES.items():
         if not all("attrs" in r and attr in r["attrs"] for r in records_train + records_val):
             continue
-        out[attr] = linear_probe(feat_train, attribute_labels(records_train, attr), feat_val,
-                                 attribute_labels(records_val, attr), len(classes))
+        out[attr] = (probe or linear_probe)(feat_train, attribute_labels(records_train, attr), feat_val,
+                                            attribute_labels(records_val, attr), len(classes))
     return out
 
 
 @torch.no_grad()
 def evaluate_stage1(student, teachers, cfg, vcfg, rt):
-    """Linear probes per ToyWorld attribute on frozen clip features of the held-out split (no official
-    counterpart: ToyWorld's own protocol), for the trained student, a random-initialised student of the same
-    preset, and each teacher. Needs records with `attrs` (ToyWorld); returns {} otherwise."""
+    """Probes per ToyWorld attribute on frozen features of the held-out split (no official counterpart:
+    ToyWorld's own protocol), for the trained student, a random-initialised student of the same preset,
+    and each teacher: a linear probe on the pooled clip vector (`probe_*`) and an attentive probe on the
+    last block's tokens (`attn_probe_*`). Needs records with `attrs` (ToyWorld); returns {} otherwise."""
     import time
     from data import VideoTextDataset
     from model import InternVideo2
     kw = dict(img_size=vcfg.img_size, train=False, seed=cfg.seed)
     sets = {s: VideoTextDataset(Path(cfg.data) / f"{s}.jsonl", 2 * cfg.num_frames, **kw) for s in ("train", "val")}
     if not all("attrs" in r for r in sets["val"].records):
-        print0("no `attrs` in the held-out samples: skipping the linear probes", rt=rt)
+        print0("no `attrs` in the held-out samples: skipping the probes", rt=rt)
         return {}
     torch.manual_seed(cfg.seed)
     random_init = InternVideo2(vcfg).to(rt.device).eval()
     student.eval()
     even = lambda b: b["video"].to(rt.device)[:, :, ::2]          # the student and the image teacher's frames
-    feature_fns = {"student": lambda b: student(even(b)), "random_init": lambda b: random_init(even(b)),
-                   "teacher_clip": lambda b: teachers.clip(even(b))["clip_final"],
-                   "teacher_mae": lambda b: teachers.mae.forward_features(b["video"].to(rt.device)).mean(1)}
+    # (pooled vector, tokens): the student's pooled vector and (B, 1 + T*HW, D) last-block tokens; the image
+    # teacher's frame-averaged pooled vector and its last returned block (frame-averaged CLS, every patch);
+    # the video teacher's mean token and its (B, T/2*HW, D) tokens after the final norm
+    feature_fns = {
+        "student": (lambda b: student(even(b)), lambda b: student.forward_features(even(b))[0]),
+        "random_init": (lambda b: random_init(even(b)), lambda b: random_init.forward_features(even(b))[0]),
+        "teacher_clip": (lambda b: teachers.clip(even(b))["clip_final"], lambda b: teachers.clip(even(b))["clip"][-1]),
+        "teacher_mae": (lambda b: teachers.mae.forward_features(b["video"].to(rt.device)).mean(1),
+                        lambda b: teachers.mae.forward_features(b["video"].to(rt.device)))}
     out, n_train = {}, min(cfg.probe_train_clips, len(sets["train"]))
     recs_train, recs_val = sets["train"].records[:n_train], sets["val"].records
-    for name, fn in feature_fns.items():
+    for name, (pooled_fn, tokens_fn) in feature_fns.items():
         t0 = time.time()
-        f_train = extract_features(fn, sets["train"], rt, limit=n_train)
-        f_val = extract_features(fn, sets["val"], rt)
-        accs = probe_attributes(f_train, recs_train, f_val, recs_val)
-        out[f"probe_acc_{name}"] = sum(accs.values()) / len(accs)
-        out.update({f"probe_{name}_{a}": v for a, v in accs.items()})
-        print0(f"probe {name:<13} mean {out[f'probe_acc_{name}']:.3f} | "
-               + " ".join(f"{a} {v:.3f}" for a, v in accs.items()) + f" | {time.time() - t0:.0f}s", rt=rt)
+        attentive = lambda *a: attentive_probe(*a, steps=cfg.probe_steps)
+        for kind, fn, probe in (("probe", pooled_fn, linear_probe), ("attn_probe", tokens_fn, attentive)):
+            f_train = extract_features(fn, sets["train"], rt, limit=n_train)
+            f_val = extract_features(fn, sets["val"], rt)
+            accs = probe_attributes(f_train, recs_train, f_val, recs_val, probe)
+            out[f"{kind}_acc_{name}"] = sum(accs.values()) / len(accs)
+            out.update({f"{kind}_{name}_{a}": v for a, v in accs.items()})
+        print0(f"{name:<13} linear (pooled) {out[f'probe_acc_{name}']:.3f}, attentive (tokens) "
+               f"{out[f'attn_probe_acc_{name}']:.3f} | "
+               + " ".join(f"{a} {out[f'probe_{name}_{a}']:.2f}/{out[f'attn_probe_{name}_{a}']:.2f}" for a in accs)
+               + f" | {time.time() - t0:.0f}s", rt=rt)
     chance = {a: 1 / len(c) for a, c in ATTRIBUTES.items() if f"probe_student_{a}" in out}
     out["probe_chance"] = sum(chance.values()) / len(chance)
     out.update({f"probe_chance_{a}": v for a, v in chance.items()})

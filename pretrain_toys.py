@@ -7,7 +7,10 @@ LLM of stage 3 unlearnable at toy scale, so ToyWorld gets small pre-trained ones
 seconds and saved with Hugging Face key names, to be loaded through the very functions that load the real checkpoints
 (load_bert, load_llm). The stage scripts call these when the toy checkpoints are missing.
 
-    python pretrain_toys.py --data=data/toyworld        # writes out/text/toy_bert.pt and out/llm/toy_llm.pt
+The four toy checkpoints (these two and the two toy teachers of teachers.py) are shipped in toys/, as the real
+ones are downloaded; this rebuilds all four from ToyWorld (seed 0), bit for bit on the same machine and thread count:
+
+    python pretrain_toys.py --data=data/toyworld --out=toys      # about 12 minutes on 2 CPU cores
 """
 import sys
 from pathlib import Path
@@ -85,14 +88,17 @@ def pretrain_toy_llm(data_root, tok, lcfg, path, n_visual=16, steps=250, batch=6
 
 
 if __name__ == "__main__":
+    from dataclasses import replace
     from data import ToyLLMTokenizer, WordPieceTokenizer, make_toyworld
     from model import LLM_PRESETS, QFORMER_PRESETS, text_preset
-    from dataclasses import replace
+    from teachers import pretrain_toy_teachers
     args = dict(a[2:].split("=", 1) for a in sys.argv[1:] if a.startswith("--") and "=" in a)
-    data = args.get("data", "data/toyworld")
+    data, out = args.get("data", "data/toyworld"), Path(args.get("out", "toys"))
+    torch.set_num_threads(int(args.get("threads", 2)))   # the shipped files were made with 2 threads
     make_toyworld(data)
+    pretrain_toy_teachers(data, out)
     bert_tok = WordPieceTokenizer(Path(data) / "vocab.txt")
-    pretrain_toy_bert(data, bert_tok, text_preset("toy", vocab_size=len(bert_tok)), "out/text/toy_bert.pt")
+    pretrain_toy_bert(data, bert_tok, text_preset("toy", vocab_size=len(bert_tok)), out / "toy_bert.pt")
     llm_tok = ToyLLMTokenizer(Path(data) / "vocab.txt")
-    pretrain_toy_llm(data, llm_tok, replace(LLM_PRESETS["toy"], vocab_size=len(llm_tok)), "out/llm/toy_llm.pt",
+    pretrain_toy_llm(data, llm_tok, replace(LLM_PRESETS["toy"], vocab_size=len(llm_tok)), out / "toy_llm.pt",
                      n_visual=QFORMER_PRESETS["toy"].num_query + QFORMER_PRESETS["toy"].extra_query)

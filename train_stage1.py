@@ -18,6 +18,7 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from checkpoints import TOYS
 from common import (RunLog, WithLoss, barrier, build_optimizer, by_preset, check, compile_blocks, cosine_lr,
                     distribute, finish, load_checkpoint, load_state, model_state, optimizer_state, parse_config,
                     pick_dtype, print0, resume, run_summary, save_checkpoint, setup_runtime, shard, training_loop)
@@ -44,21 +45,21 @@ class Stage1Config:
     # teachers
     clip_teacher: str = "toy"       # toy | internvit-6b
     mae_teacher: str = "toy"        # toy | videomae-g
-    clip_teacher_ckpt: str = ""     # "" = out/teachers/toy_clip_teacher.pt for toy (trained if missing)
-    mae_teacher_ckpt: str = ""      # "" = out/teachers/toy_mae_teacher.pt for toy (trained if missing)
+    clip_teacher_ckpt: str = ""     # "" = toys/toy_clip_teacher.pt for toy (shipped; trained if missing)
+    mae_teacher_ckpt: str = ""      # "" = toys/toy_mae_teacher.pt for toy (shipped; trained if missing)
     random_teachers: bool = False   # random-init teachers (benchmarks, tests); the probe is then meaningless
-    teacher_steps: tuple = (450, 100)  # (image, video) teacher steps when the toy teachers must be pre-trained
+    teacher_steps: tuple = (2000, 0, 400)  # toy teachers' (CLIP, VideoMAE, motion) steps when they must be trained
     # masking and loss
     mask_type: str = "attention"    # attention | tube | random (SM/scripts/pretraining/1B_pt.sh:23-24)
-    mask_ratio: float = 0.8         # fraction of each frame's patches hidden from the student
+    mask_ratio: float = -1.0        # fraction of each frame's patches hidden from the student; -1 = by preset
     w_clip: float = 1.0             # weight of the image-teacher layer term
     w_clip_final: float = 1.0       # weight of the image-teacher pooled term
     w_mae: float = 1.0              # weight of the video-teacher layer term
     # optimisation (SM/scripts/pretraining/1B_pt.sh:45-62; SM/run_pretraining.py:351-353)
     batch_size: int = 32            # clips per micro-batch per process
     grad_accum: int = 1             # micro-batches per optimizer step
-    max_steps: int = 200            # optimizer steps (0 = only evaluate the initial weights)
-    warmup_steps: int = 20          # linear warmup from 0
+    max_steps: int = 400            # optimizer steps (0 = only evaluate the initial weights)
+    warmup_steps: int = 40          # linear warmup from 0
     lr: float = -1.0                # peak lr per 256 clips, scaled by global batch / 256; -1 = by preset
     min_lr: float = -1.0            # final cosine lr per 256 clips; -1 = by preset
     weight_decay: float = 0.05      # AdamW, not on 1-D params, biases, pos/cls
@@ -81,20 +82,22 @@ class Stage1Config:
     max_nan_in_a_row: int = 5       # non-finite losses in a row that stop the run
     eval: bool = True               # linear-probe evaluation at the end
     probe_train_clips: int = 600    # training clips the probes are fitted on
+    probe_steps: int = 300          # AdamW steps of each attentive probe
 
     # Defaults that depend on the preset, (toy, full): the full column is official (SM/run_pretraining.py:141-146);
-    # the toy trains 200 steps, not 301 epochs (README, differences). img_size and drop_path: the preset's.
-    BY_PRESET = {"lr": (6e-3, 1.5e-4), "min_lr": (1e-4, 1e-5)}
+    # the toy trains 400 steps, not 301 epochs, and hides 50% of each frame, not 80% (16 patches a frame: at 80% the
+    # moving object is mostly hidden; README, differences). img_size and drop_path: the preset's.
+    BY_PRESET = {"lr": (1.2e-2, 1.5e-4), "min_lr": (1e-4, 1e-5), "mask_ratio": (0.5, 0.8)}
 
     def validate(self):
         check(self.mask_type in MASK_TYPES, f"--mask_type must be attention, tube or random, got {self.mask_type!r}")
-        check(0.0 <= self.mask_ratio < 1.0, f"--mask_ratio must be in [0, 1), got {self.mask_ratio}")
         check(self.batch_size > 0 and self.grad_accum > 0, "--batch_size and --grad_accum must be positive")
         check(self.max_steps >= 0 and self.warmup_steps >= 0, "--max_steps and --warmup_steps must be >= 0")
         check(0.0 < self.crop_scale <= 1.0, f"--crop_scale must be in (0, 1], got {self.crop_scale}")
         check(not (self.resume and self.init_from), "use --resume or --init_from, not both")
         check(self.preset in VISION_PRESETS, f"--preset must be one of {list(VISION_PRESETS)}, got {self.preset!r}")
         by_preset(self, self.BY_PRESET, 0 if self.preset == "toy" else 1)
+        check(0.0 <= self.mask_ratio < 1.0, f"--mask_ratio must be in [0, 1), got {self.mask_ratio}")
         base = VISION_PRESETS[self.preset]
         self.img_size = self.img_size or base.img_size
         self.drop_path = base.drop_path if self.drop_path < 0 else self.drop_path
@@ -116,8 +119,8 @@ def main(argv=None):
     # ---- teachers (frozen, outside the student) ------------------------------------------------
     clip_ckpt, mae_ckpt = cfg.clip_teacher_ckpt, cfg.mae_teacher_ckpt
     if not cfg.random_teachers:
-        clip_ckpt = clip_ckpt or ("out/teachers/toy_clip_teacher.pt" if cfg.clip_teacher == "toy" else "")
-        mae_ckpt = mae_ckpt or ("out/teachers/toy_mae_teacher.pt" if cfg.mae_teacher == "toy" else "")
+        clip_ckpt = clip_ckpt or (str(TOYS / "toy_clip_teacher.pt") if cfg.clip_teacher == "toy" else "")
+        mae_ckpt = mae_ckpt or (str(TOYS / "toy_mae_teacher.pt") if cfg.mae_teacher == "toy" else "")
         if not (clip_ckpt and mae_ckpt):
             raise SystemExit("full-size teachers need --clip_teacher_ckpt and --mae_teacher_ckpt "
                              "(or --random_teachers=True for benchmarking)")

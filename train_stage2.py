@@ -20,7 +20,7 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from checkpoints import load_beats, load_bert, load_video_encoder
+from checkpoints import TOYS, load_beats, load_bert, load_video_encoder
 from common import (RunLog, WithLoss, barrier, build_optimizer, by_preset, check, compile_blocks, cosine_lr,
                     distribute, finish, load_checkpoint, model_state, optimizer_state, parse_config, print0, resume,
                     run_summary, save_checkpoint, setup_runtime, training_loop)
@@ -51,7 +51,7 @@ class Stage2Config:
     contrastive_dim: int = 0              # contrastive width; 0 = by preset
     av_dim: int = 0                 # width of the audio+video memory; 0 = by preset
     init_from: str = ""             # stage-1 checkpoint (its student), or a stage-2 checkpoint (everything)
-    text_ckpt: str = ""             # BERT state dict (HF names); toy: "" = out/text/toy_bert.pt, trained if missing
+    text_ckpt: str = ""             # BERT state dict (HF names); toy: "" = toys/toy_bert.pt (shipped), trained if missing
     random_text: bool = False       # start the text encoder from random weights (tests)
     audio_ckpt: str = ""            # BEATs checkpoint ({'cfg', 'model'}) for the audio encoder
     train_audio: bool = False       # train the audio encoder (the official 6B recipe freezes it)
@@ -159,7 +159,7 @@ def main(argv=None):
     # ---- model, optimizer, resume ------------------------------------------------------------
     model = Stage2Model(vcfg, tcfg, acfg, cfg.contrastive_dim, cfg.av_dim)
     if cfg.text == "toy" and not cfg.random_text:           # the toy stand-in for bert-*-uncased
-        cfg.text_ckpt = cfg.text_ckpt or "out/text/toy_bert.pt"
+        cfg.text_ckpt = cfg.text_ckpt or str(TOYS / "toy_bert.pt")
         if rt.master and not Path(cfg.text_ckpt).exists():
             pretrain_toy_bert(cfg.data, tok, model.text_encoder.cfg, cfg.text_ckpt, max_len=cfg.max_text_len,
                               seed=cfg.seed)

@@ -27,7 +27,7 @@ from types import SimpleNamespace
 
 import torch
 
-from checkpoints import load_llm, load_video_encoder, qformer_from_bert
+from checkpoints import TOYS, load_llm, load_video_encoder, qformer_from_bert
 from common import (RunLog, WithLoss, barrier, build_optimizer, by_preset, check, cleanup, compile_blocks, cosine_lr,
                     distribute, finish, load_checkpoint, model_state, optimizer_state, parse_config, print0, resume,
                     run_summary, save_checkpoint, setup_runtime, shard, store_frozen, training_loop)
@@ -57,8 +57,8 @@ class Stage3Config:
     frames: tuple = ()              # frames per clip in sub-stages 1-3; () = by preset
     img_size: int = 0               # 0 = the preset's
     init_from: str = ""             # stage-2 checkpoint (video encoder, pos-embed 4 -> 8 frames) or a stage-3 one
-    qformer_bert: str = ""          # BERT state dict (HF names) for the Q-Former; toy: "" = out/text/toy_bert.pt
-    llm_ckpt: str = ""              # LLM state dict (HF names); toy: "" = out/llm/toy_llm.pt (both trained if missing)
+    qformer_bert: str = ""          # BERT state dict (HF names) for the Q-Former; toy: "" = toys/toy_bert.pt
+    llm_ckpt: str = ""              # LLM state dict (HF names); toy: "" = toys/toy_llm.pt (both shipped)
     qformer_text_input: bool = True # instruction -> Q-Former (VC2/scripts/videochat_mistral/config_7b_stage3.py:69)
     lora_r: int = 16                # LoRA r, alpha, dropout (VC2/scripts/videochat_mistral/config_7b_stage3.py:79-82)
     lora_alpha: int = 32
@@ -126,12 +126,12 @@ def main(argv=None):
     model = Stage3Model(vcfg, qcfg, lcfg)
     qbert, llm_ckpt = cfg.qformer_bert, cfg.llm_ckpt
     if cfg.qformer == "toy":                                # the toy stand-ins for bert-base and Mistral-7B
-        qbert = qbert or "out/text/toy_bert.pt"
+        qbert = qbert or str(TOYS / "toy_bert.pt")
         if rt.master and not Path(qbert).exists():
             pretrain_toy_bert(cfg.data, bert_tok, text_preset("toy", vocab_size=len(bert_tok)), qbert,
                               max_len=cfg.max_text_len, seed=cfg.seed)
     if cfg.llm == "toy":
-        llm_ckpt = llm_ckpt or "out/llm/toy_llm.pt"
+        llm_ckpt = llm_ckpt or str(TOYS / "toy_llm.pt")
         if rt.master and not Path(llm_ckpt).exists():
             pretrain_toy_llm(cfg.data, llm_tok, lcfg, llm_ckpt, n_visual=qcfg.num_query + qcfg.extra_query,
                              max_len=cfg.max_llm_len, seed=cfg.seed)

@@ -35,7 +35,7 @@ def test_config_errors_are_named(toyworld, tmp_path, capsys):
         main(_args(toyworld, tmp_path, "--mask_type=blocks"))
     with pytest.raises(SystemExit) as e:
         main(["--help"])
-    assert e.value.code == 0 and "--mask_ratio=0.8" in capsys.readouterr().out
+    assert e.value.code == 0 and "--mask_type='attention'" in capsys.readouterr().out
 
 
 def test_short_run_lowers_the_loss(toyworld, tmp_path):
@@ -135,3 +135,25 @@ def test_non_finite_loss_skips_the_step_and_stops_after_several():
     with pytest.raises(FloatingPointError, match="3 non-finite losses in a row"):
         guard.update(False, 4)
     assert guard.total == 4
+
+
+def test_attentive_probe_finds_one_token_among_many():
+    # the class is written into one token at a random place among 16 noise tokens: the attentive probe
+    # reads it; the linear probe on the mean token sees it diluted 16 times
+    from evaluate import attentive_probe, linear_probe
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(4, (600,), generator=g)
+    x = torch.randn(600, 16, 32, generator=g)
+    x[torch.arange(600), torch.randint(16, (600,), generator=g), :4] += 6 * torch.eye(4)[y]
+    attentive = attentive_probe(x[:400], y[:400], x[400:], y[400:], 4, steps=200)
+    linear = linear_probe(x[:400].mean(1), y[:400], x[400:].mean(1), y[400:], 4)
+    assert attentive > 0.9 and attentive > linear + 0.2, (attentive, linear)
+
+
+def test_probes_reach_metrics_json_by_name(toyworld, tmp_path):
+    m = main(_args(toyworld, tmp_path, "--max_steps=1", "--eval=True", "--probe_train_clips=32", "--probe_steps=5"))
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    for net in ("student", "random_init", "teacher_clip", "teacher_mae"):
+        for kind in ("probe", "attn_probe"):
+            assert 0 <= saved[f"{kind}_acc_{net}"] <= 1 and f"{kind}_{net}_direction" in saved, (kind, net)
+    assert m["probe_chance"] == saved["probe_chance"]

@@ -91,9 +91,9 @@ def test_full_teacher_shapes_on_meta():
 
 def test_toy_teacher_pretraining_lowers_both_losses_and_saves_official_layouts(toyworld, tmp_path):
     losses = {}
-    clip_path, mae_path = pretrain_toy_teachers(toyworld, tmp_path, clip_steps=12, mae_steps=12, batch=16, lr=2e-3,
-                                                log=lambda *a: None, history=losses, verbose=False)
-    for name in ("clip", "mae"):
+    clip_path, mae_path = pretrain_toy_teachers(toyworld, tmp_path, clip_steps=12, mae_steps=12, motion_steps=12,
+                                                batch=16, lr=2e-3, log=lambda *a: None, history=losses, verbose=False)
+    for name in ("clip", "mae", "motion"):
         first, last = sum(losses[name][:3]) / 3, sum(losses[name][-3:]) / 3
         assert last < first, (name, losses[name])
     assert "module" in torch.load(clip_path) and all(k.startswith("encoder.") for k in torch.load(mae_path)["model"])
