@@ -293,7 +293,7 @@ def pretrain_toy_teachers(data_root, out_dir, clip_steps=2000, mae_steps=0, moti
     the motion classes) on ToyWorld's train split and save them in the official layouts. Returns the two
     checkpoint paths; the loss curves go to history['clip'], ['mae'] and ['motion'] when a dict is given."""
     from common import fit
-    from data import VideoTextDataset, train_loader
+    from data import ATTRIBUTES, VideoTextDataset, train_loader
     from losses import contrastive_loss
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -327,7 +327,7 @@ def pretrain_toy_teachers(data_root, out_dir, clip_steps=2000, mae_steps=0, moti
                           noise_grid=(T, Np), crop_scale=(0.6, 1.0))
 
     def mae_loss(b):
-        visible = patch_index(tube_mask(b["mask_noise"], mae_ratio))           # patch indices (no CLS here)
+        visible = patch_index(tube_mask(b["mask_noise"], mae_ratio))     # patch indices (no CLS here)
         pred = dec(mae.forward_features(b["video"], visible), visible, N)  # (B, N, pixels)
         hidden = torch.ones(pred.shape[:2], dtype=torch.bool).scatter(1, visible, False)
         return ((pred - tubelet_pixels(b["video"], mae_cfg)) ** 2).mean(-1)[hidden].mean()
@@ -336,17 +336,16 @@ def pretrain_toy_teachers(data_root, out_dir, clip_steps=2000, mae_steps=0, moti
         fit("toy video teacher (VideoMAE)", list(mae.parameters()) + list(dec.parameters()),
             lambda s: mae_loss(next(loader)), mae_steps, lr, 0.05, (0.9, 0.95), history.setdefault("mae", []), verbose)
 
-    # then supervised fine-tuning on ToyWorld's 8 motion classes (direction x speed), mean-pooled tokens
-    from data import ATTRIBUTES
-    n_speed = len(ATTRIBUTES["speed"])
-    head = nn.Linear(mae_cfg.dim, len(ATTRIBUTES["direction"]) * n_speed)
+    # then (or instead: the default) ToyWorld's 8 motion classes, direction x speed, from the mean token
+    # (VideoMAE's fine-tuning head), on uncropped clips: a crop would change the apparent speed
+    directions, speeds = ATTRIBUTES["direction"], ATTRIBUTES["speed"]
+    head = nn.Linear(mae_cfg.dim, len(directions) * len(speeds))
 
     def motion_loss(b):
-        y = torch.tensor([ATTRIBUTES["direction"].index(a["direction"]) * n_speed + ATTRIBUTES["speed"].index(a["speed"])
-                          for a in b["attrs"]])
+        y = torch.tensor([directions.index(a["direction"]) * len(speeds) + speeds.index(a["speed"]) for a in b["attrs"]])
         return F.cross_entropy(head(mae.forward_features(b["video"]).mean(1)), y)
     if motion_steps:
-        ds.extra, ds.crop_scale = (lambda rec, rng: {"attrs": rec["attrs"]}), (1.0, 1.0)   # a crop changes the speed
+        ds.extra, ds.crop_scale = (lambda rec, rng: {"attrs": rec["attrs"]}), (1.0, 1.0)
         loader = iter(train_loader(ds, batch, 0, 1, seed + 2, 0, workers=1))
         fit("toy video teacher (motion classes)", list(mae.parameters()) + list(head.parameters()),
             lambda s: motion_loss(next(loader)), motion_steps, lr / 2, 0.05, (0.9, 0.999),
