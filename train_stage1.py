@@ -93,6 +93,7 @@ class Stage1Config:
         check(self.mask_type in MASK_TYPES, f"--mask_type must be attention, tube or random, got {self.mask_type!r}")
         check(self.batch_size > 0 and self.grad_accum > 0, "--batch_size and --grad_accum must be positive")
         check(self.max_steps >= 0 and self.warmup_steps >= 0, "--max_steps and --warmup_steps must be >= 0")
+        check(len(self.teacher_steps) == 3, "--teacher_steps wants three step counts: (CLIP, VideoMAE, motion)")
         check(0.0 < self.crop_scale <= 1.0, f"--crop_scale must be in (0, 1], got {self.crop_scale}")
         check(not (self.resume and self.init_from), "use --resume or --init_from, not both")
         check(self.preset in VISION_PRESETS, f"--preset must be one of {list(VISION_PRESETS)}, got {self.preset!r}")

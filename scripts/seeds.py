@@ -1,5 +1,6 @@
 """scripts/seeds.py: the quick start for several seeds (each with its own ToyWorld), and the headline
-figures' mean and spread. Seed 0 is README's first command exactly (data/toyworld, out/stage{1,2,3});
+figures' mean and spread. Seed 0 is README's first command with its defaults spelled out (--seed=0,
+--data=data/toyworld, out/stage{1,2,3});
 seed s > 0 writes ToyWorld with seed s to data/toyworld_seed{s} and runs into out/seed{s}/.
 
     python scripts/seeds.py --seeds=0,1,2          # about 15 minutes a seed on 2 CPU cores
@@ -33,8 +34,8 @@ def run(cmd):
 def main():
     args = dict(a[2:].split("=", 1) for a in sys.argv[1:] if a.startswith("--") and "=" in a)
     seeds = [int(s) for s in args.get("seeds", "0,1,2").split(",")]
-    old = ROOT / "results" / "seeds.json"
-    old = json.loads(old.read_text())["seeds"] if old.exists() else {}
+    saved = ROOT / "results" / "seeds.json"
+    previous = json.loads(saved.read_text())["seeds"] if saved.exists() else {}
     per_seed = {}
     for s in seeds:
         data = "data/toyworld" if s == 0 else f"data/toyworld_seed{s}"
@@ -47,7 +48,7 @@ def main():
             times["stage1"] = run(["train_stage1.py", *common, f"--out_dir={out}/stage1"])
             times["stage2"] = run(["train_stage2.py", *common, f"--init_from={out}/stage1/ckpt.pt", f"--out_dir={out}/stage2"])
             times["stage3"] = run(["train_stage3.py", *common, f"--init_from={out}/stage2/ckpt.pt", f"--out_dir={out}/stage3"])
-        row = {"seconds": times or old.get(str(s), {}).get("seconds", {})}   # a summary-only call keeps the times
+        row = {"seconds": times or previous.get(str(s), {}).get("seconds", {})}   # a summary-only call keeps the times
         for stage, keys in HEADLINE.items():
             m = json.loads((ROOT / out / stage / "metrics.json").read_text())
             row.update({k: m[k] for k in keys if k in m})
@@ -57,8 +58,8 @@ def main():
     summary = {k: {"mean": round(sum(r[k] for r in per_seed.values()) / len(seeds), 4),
                    "spread": round(max(r[k] for r in per_seed.values()) - min(r[k] for r in per_seed.values()), 4)}
                for k in keys if all(isinstance(r.get(k), (int, float)) for r in per_seed.values())}
-    (ROOT / "results").mkdir(exist_ok=True)
-    (ROOT / "results" / "seeds.json").write_text(json.dumps({"seeds": per_seed, "summary": summary}, indent=1))
+    saved.parent.mkdir(exist_ok=True)
+    saved.write_text(json.dumps({"seeds": per_seed, "summary": summary}, indent=1))
     for k, v in summary.items():
         print(f"{k:<36} {v['mean']:.3f} +- {v['spread'] / 2:.3f} (spread {v['spread']:.3f})")
 

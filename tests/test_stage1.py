@@ -31,6 +31,8 @@ def test_config_errors_are_named(toyworld, tmp_path, capsys):
         main(_args(toyworld, tmp_path, "--batch_size=four"))
     with pytest.raises(ConfigError, match="--mask_ratio must be in"):
         main(_args(toyworld, tmp_path, "--mask_ratio=1.5"))
+    with pytest.raises(ConfigError, match="--teacher_steps wants three"):
+        main(_args(toyworld, tmp_path, "--teacher_steps=(450,100)"))
     with pytest.raises(ConfigError, match="--mask_type must be"):
         main(_args(toyworld, tmp_path, "--mask_type=blocks"))
     with pytest.raises(SystemExit) as e:
