@@ -552,17 +552,18 @@ def resume(out_dir, model, optimizer, scaler, rt):
 
 
 def training_loop(model, optimizer, loader, rt, cfg, *, step, lr_at, scaler, log, save, desc, clips_per_step,
-                  nan_skips=0):
+                  nan_skips=0, progress=True):
     """The loop every stage runs: set lr -> grad_accum micro-batches -> train_step -> NaN guard ->
     progress bar (loss terms, lr, clips/s) -> log.txt every cfg.log_every -> checkpoint every
     cfg.ckpt_every and at the end. Stops at cfg.max_steps, or earlier at cfg.stop_after.
-    save(step, nan_skips) writes the checkpoint. Returns {history, n_bad, step, nan_skips}."""
+    save(step, nan_skips) writes the checkpoint; progress=False hides the bar (notebooks).
+    Returns {history, parts, n_bad, step, nan_skips}."""
     from tqdm import tqdm
     last = cfg.max_steps if not cfg.stop_after else min(cfg.max_steps, cfg.stop_after)
     guard = NanGuard(cfg.max_nan_in_a_row)
     guard.total = nan_skips
     timer, n_bad, history, parts_history = Timer(rt.device), 0, [], []
-    bar = tqdm(total=last, initial=step, desc=desc, disable=not rt.master, file=sys.stdout, dynamic_ncols=True,
+    bar = tqdm(total=last, initial=step, desc=desc, disable=not (rt.master and progress), file=sys.stdout, dynamic_ncols=True,
                mininterval=0.5)
     while step < last:
         lr = lr_at(step)

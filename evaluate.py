@@ -128,6 +128,22 @@ def probe_attributes(feat_train, records_train, feat_val, records_val, probe=Non
     return out
 
 
+def stage1_features(student, random_init, teachers, device):
+    """{network: (pooled fn, tokens fn)}, each fn(batch of 2T-frame clips) -> features, for the four networks
+    stage 1's probes compare. The student (and its random-init twin) and the image teacher read the T even
+    frames, the video teacher all 2T. Pooled: the student's clip vector, the image teacher's frame-averaged
+    pooled vector, the video teacher's mean token. Tokens: the student's (B, 1 + T*HW, D) last block, the image
+    teacher's last returned block (frame-averaged CLS, every patch), the video teacher's (B, T*HW, D) tokens."""
+    even = lambda b: b["video"].to(device)[:, :, ::2]
+    whole = lambda b: b["video"].to(device)
+    return {
+        "student": (lambda b: student(even(b)), lambda b: student.forward_features(even(b))[0]),
+        "random_init": (lambda b: random_init(even(b)), lambda b: random_init.forward_features(even(b))[0]),
+        "teacher_clip": (lambda b: teachers.clip(even(b))["clip_final"], lambda b: teachers.clip(even(b))["clip"][-1]),
+        "teacher_mae": (lambda b: teachers.mae.forward_features(whole(b)).mean(1),
+                        lambda b: teachers.mae.forward_features(whole(b)))}
+
+
 @torch.no_grad()
 def evaluate_stage1(student, teachers, cfg, vcfg, rt):
     """Probes per ToyWorld attribute on frozen features of the held-out split (no official counterpart:
@@ -145,16 +161,7 @@ def evaluate_stage1(student, teachers, cfg, vcfg, rt):
     torch.manual_seed(cfg.seed)
     random_init = InternVideo2(vcfg).to(rt.device).eval()
     student.eval()
-    even = lambda b: b["video"].to(rt.device)[:, :, ::2]          # the student and the image teacher's frames
-    # (pooled vector, tokens): the student's pooled vector and (B, 1 + T*HW, D) last-block tokens; the image
-    # teacher's frame-averaged pooled vector and its last returned block (frame-averaged CLS, every patch);
-    # the video teacher's mean token and its (B, T/2*HW, D) tokens after the final norm
-    feature_fns = {
-        "student": (lambda b: student(even(b)), lambda b: student.forward_features(even(b))[0]),
-        "random_init": (lambda b: random_init(even(b)), lambda b: random_init.forward_features(even(b))[0]),
-        "teacher_clip": (lambda b: teachers.clip(even(b))["clip_final"], lambda b: teachers.clip(even(b))["clip"][-1]),
-        "teacher_mae": (lambda b: teachers.mae.forward_features(b["video"].to(rt.device)).mean(1),
-                        lambda b: teachers.mae.forward_features(b["video"].to(rt.device)))}
+    feature_fns = stage1_features(student, random_init, teachers, rt.device)
     out, n_train = {}, min(cfg.probe_train_clips, len(sets["train"]))
     recs_train, recs_val = sets["train"].records[:n_train], sets["val"].records
     for name, (pooled_fn, tokens_fn) in feature_fns.items():
@@ -241,12 +248,33 @@ def match_margins(scores, gt, records, caption_key):
     return out
 
 
-def _gt(records, caption_key):
-    """(N, N) positives: the same positive id (the sample itself; on ToyWorld the same described
-    attributes, as in training)."""
+def positives(records, caption_key):
+    """(N, N) retrieval ground truth, True where text i and clip j are positives: the same positive id (the
+    sample itself; on ToyWorld the same described attributes, as in training)."""
     from data import positive_id
     codes = torch.tensor([positive_id(r, caption_key) for r in records])
     return codes[:, None] == codes[None, :]
+
+
+# zero-shot classification of ToyWorld's 8 motion classes: each class name in every template, the cosines averaged
+ZEROSHOT_TEMPLATES = ("something moving {}", "a video of an object moving {}", "an object that moves {}", "{}")
+
+
+def motion_classes():
+    from data import DIRECTIONS, SPEEDS
+    return [f"{d} {s}" for d in DIRECTIONS for s in SPEEDS]
+
+
+@torch.no_grad()
+def zeroshot_scores(model, tok, v_emb, classes, templates, max_len, rt):
+    """(videos, classes) zero-shot scores of a stage-2 model: the cosine between each clip embedding v_emb
+    (N, E) and the text embedding of every "template.format(class)", averaged over the templates."""
+    prompts = [t.format(c) for c in classes for t in templates]
+    ids, mask = tok.encode(prompts, max_len)
+    with rt.autocast():
+        emb = model.encode_text(ids.to(rt.device), mask.to(rt.device))[1].float().cpu()
+    emb = F.normalize(emb, dim=-1).view(len(classes), len(templates), -1)
+    return torch.einsum("vd,ctd->vct", F.normalize(v_emb.float(), dim=-1), emb).mean(2)
 
 
 @torch.no_grad()
@@ -254,7 +282,7 @@ def evaluate_stage2(model, tok, cfg, vcfg, acfg, rt):
     """Held-out zero-shot evaluation of a stage-2 model: unmasked 4-frame clips (middle frames),
     cosine retrieval text<->video, text<->audio, text<->audio+video, VTM re-ranking of the top k,
     and zero-shot classification of ToyWorld's motion classes with prompt templates averaged."""
-    from data import DIRECTIONS, SPEEDS, VideoTextDataset, stage2_fields
+    from data import VideoTextDataset, stage2_fields
     model.eval()
     keys = ["caption"] + (["audio_caption", "avs_caption"] if acfg else [])
     ds = VideoTextDataset(Path(cfg.data) / "val.jsonl", cfg.num_frames, vcfg.img_size, train=False, seed=cfg.seed,
@@ -283,7 +311,7 @@ def evaluate_stage2(model, tok, cfg, vcfg, acfg, rt):
 
     # text <-> video, then VTM re-ranking of the top k by the raw matching logit
     sim = norm(f["emb_caption"]) @ norm(f["v_emb"]).t()                        # (texts, videos)
-    gt = _gt(recs, "caption")
+    gt = positives(recs, "caption")
     out.update(retrieval("t2v", sim, gt))
 
     def reranked(name, sim, gt, key, memory, head):
@@ -305,8 +333,8 @@ def evaluate_stage2(model, tok, cfg, vcfg, acfg, rt):
     reranked("t2v", sim, gt, "caption", lambda vi: f["v_mem"][vi], "itm")
 
     if acfg:                                                                    # text <-> audio, audio+video
-        out.update(retrieval("t2a", norm(f["emb_audio_caption"]) @ norm(f["a_emb"]).t(), _gt(recs, "audio_caption")))
-        sim_av, gt_av = norm(f["emb_avs_caption"]) @ norm(f["av_emb"]).t(), _gt(recs, "avs_caption")
+        out.update(retrieval("t2a", norm(f["emb_audio_caption"]) @ norm(f["a_emb"]).t(), positives(recs, "audio_caption")))
+        sim_av, gt_av = norm(f["emb_avs_caption"]) @ norm(f["av_emb"]).t(), positives(recs, "avs_caption")
         out.update(retrieval("t2av", sim_av, gt_av))
 
         # AVTM on the audio + projected-vision memory (MM/tasks/retrieval_utils.py:326-360)
@@ -314,14 +342,8 @@ def evaluate_stage2(model, tok, cfg, vcfg, acfg, rt):
                  "avtm")
 
     if all("attrs" in r for r in recs):                                         # zero-shot motion classes
-        classes = [f"{d} {s}" for d in DIRECTIONS for s in SPEEDS]
-        templates = ["something moving {}", "a video of an object moving {}", "an object that moves {}", "{}"]
-        prompts = [t.format(c) for c in classes for t in templates]
-        ids, mask = tok.encode(prompts, cfg.max_text_len)
-        with rt.autocast():
-            emb = norm(model.encode_text(ids.to(dev), mask.to(dev))[1].float().cpu())
-        emb = emb.view(len(classes), len(templates), -1)
-        scores = torch.einsum("vd,ctd->vct", norm(f["v_emb"]), emb).mean(2)    # cosine averaged over prompts
+        classes = motion_classes()
+        scores = zeroshot_scores(model, tok, f["v_emb"], classes, ZEROSHOT_TEMPLATES, cfg.max_text_len, rt)
         truth = torch.tensor([classes.index(f"{r['attrs']['direction']} {r['attrs']['speed']}") for r in recs])
         out["zeroshot_cls_acc"] = float((scores.argmax(1) == truth).float().mean())
         out["zeroshot_cls_chance"] = 1 / len(classes)

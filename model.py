@@ -167,7 +167,7 @@ def attend(q, k, v, mask=None, causal=False, dropout=0.0, need_weights=False):
     q: (B, H, Nq, hd); k, v: (B, Hkv, Nk, hd) with H a multiple of Hkv (grouped-query attention);
     mask: bool (B or 1, 1 or H, Nq or 1, Nk), True = may attend, or an additive float mask.
     Returns (B, H, Nq, hd), plus the head-averaged weights (B, Nq, Nk) when need_weights (an
-    explicit softmax, used only by the small pooling query whose weights drive stage-1 masking).
+    explicit softmax: the pooling query whose weights drive stage-1 masking, and the notebooks' pictures).
     """
     if need_weights:
         if k.shape[1] != q.shape[1]:
@@ -619,11 +619,14 @@ class BertAttention(nn.Module):
         self.q, self.o = nn.Linear(dim, dim), nn.Linear(dim, dim)
         self.k, self.v = nn.Linear(kv_dim or dim, dim), nn.Linear(kv_dim or dim, dim)
 
-    def forward(self, x, memory=None, mask=None):
+    def forward(self, x, memory=None, mask=None, need_weights=False):
+        """-> (B, N, dim); with need_weights also the head-averaged weights (B, N, Nk) (notebooks' pictures)."""
         kv = x if memory is None else memory
         h = self.heads
         y = attend(split_heads(self.q(x), h), split_heads(self.k(kv), h), split_heads(self.v(kv), h), mask=mask,
-                   dropout=self.dropout if self.training else 0.0)
+                   dropout=self.dropout if self.training else 0.0, need_weights=need_weights)
+        if need_weights:
+            return self.o(merge_heads(y[0])), y[1]
         return self.o(merge_heads(y))
 
 
@@ -923,6 +926,12 @@ class Stage2Model(nn.Module):
         """Fusion layers over (text, memory) pairs -> the matching head's 2 logits on [CLS]."""
         h = self.text_encoder.forward_fusion(text_states, pad_mask, memory)
         return (self.itm_head if head == "itm" else self.avtm_head)(h[:, 0])
+
+    @staticmethod
+    def from_config(mc):
+        """Rebuild from a stage-2 checkpoint's model_config (vision, text, audio dicts and the widths)."""
+        return Stage2Model(VisionConfig(**mc["vision"]), TextConfig(**mc["text"]),
+                           AudioConfig(**mc["audio"]) if mc.get("audio") else None, mc["contrastive_dim"], mc["av_dim"])
 
 
 # ------------------------------------------------------------------------------------------------

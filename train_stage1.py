@@ -26,6 +26,7 @@ from data import TOYWORLD, VideoTextDataset, prepare_toyworld, train_loader
 from evaluate import evaluate_stage1
 from losses import stage1_objective
 from model import MASK_TYPES, VISION_PRESETS, InternVideo2, count_params, param_table, vision_preset
+from plots import loss_figure, save_pictures, stage1_mask_figure
 from teachers import build_teachers, pretrain_toy_teachers
 
 
@@ -183,6 +184,10 @@ def main(argv=None):
         clips_per_step=global_batch, nan_skips=ck.get("nan_skips", 0) if ck else 0)
     if result["n_bad"]:
         print0(f"skipped {result['n_bad']} bad samples (+ {train_set.n_bad_lines} malformed lines)", rt=rt)
+
+    save_pictures(out_dir, lambda: {"loss.png": loss_figure({"stage 1": result}),
+                                    "masks.png": stage1_mask_figure(teachers, train_set[0], vcfg.grid, cfg.mask_ratio)},
+                  rt)
 
     # ---- evaluate ------------------------------------------------------------------------------
     metrics = {"stage": 1, "preset": cfg.preset, **run_summary(result, cfg.max_steps)}

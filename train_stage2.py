@@ -27,6 +27,7 @@ from common import (RunLog, WithLoss, barrier, build_optimizer, by_preset, check
 from data import TOYWORLD, VideoTextDataset, WordPieceTokenizer, prepare_toyworld, stage2_fields, train_loader
 from losses import AUDIO_LOSSES, STAGE2_LOSSES, stage2_objective
 from model import VISION_PRESETS, Stage2Model, audio_preset, param_table, text_preset, vision_preset
+from plots import loss_figure, save_pictures, stage2_similarity_figure
 from pretrain_toys import pretrain_toy_bert
 
 
@@ -218,6 +219,11 @@ def main(argv=None):
             wrapped, optimizer, loader, rt, cfg, step=step, scaler=scaler, log=log, save=save, desc="stage 2",
             lr_at=lambda s: cosine_lr(s, cfg.max_steps, cfg.warmup_steps, cfg.lr, floor, start_lr=floor),
             clips_per_step=global_batch, nan_skips=ck.get("nan_skips", 0) if ck else 0)
+
+    held_out = lambda: VideoTextDataset(Path(cfg.data) / "val.jsonl", cfg.num_frames, vcfg.img_size, train=False,
+                                        extra=stage2_fields(tok, ["caption"], cfg.max_text_len, train=False))
+    save_pictures(out_dir, lambda: {"loss.png": loss_figure({"stage 2": result}),
+                                    "similarity.png": stage2_similarity_figure(model, held_out())}, rt)
 
     # ---- evaluate ------------------------------------------------------------------------------
     metrics = {"stage": 2, "preset": cfg.preset, **run_summary(result, cfg.max_steps)}

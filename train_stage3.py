@@ -36,6 +36,7 @@ from data import (TOYWORLD, VideoTextDataset, WordPieceTokenizer, load_llm_token
 from losses import stage3_objective
 from model import (LLM_PRESETS, QFORMER_PRESETS, VISION_PRESETS, Stage3Model, add_lora, param_table, text_preset,
                    vision_preset)
+from plots import loss_figure, save_pictures
 from pretrain_toys import pretrain_toy_bert, pretrain_toy_llm
 
 
@@ -223,6 +224,7 @@ def main(argv=None):
     save_checkpoint(out_dir / "ckpt.pt", {"stage": 3, "step": sum(cfg.steps), "model": model_state(model),
                                           "config": asdict(cfg), "model_config": model_config(),
                                           "lora": model_config()["lora"]}, rt)
+    save_pictures(out_dir, lambda: {"loss.png": loss_figure({f"sub-stage {s}": r for s, r in results.items()})}, rt)
     metrics = {"stage": 3, "preset": cfg.preset}
     for sub, res in results.items():
         metrics.update({f"substage{sub}_{k}": v for k, v in run_summary(res, cfg.steps[sub - 1]).items()})

@@ -45,6 +45,15 @@ def test_short_run_lowers_the_loss(toyworld, tmp_path):
     assert m["loss_last"] < 0.7 * m["loss_first"], m
     log = (tmp_path / "log.txt").read_text()
     assert "# git" in log and "step 30/30" in log and json.loads((tmp_path / "metrics.json").read_text())["steps"] == 30
+    assert all((tmp_path / f).stat().st_size > 1000 for f in ("loss.png", "masks.png"))     # pictures beside them
+
+
+def test_training_runs_without_matplotlib(toyworld, tmp_path, monkeypatch, capsys):
+    import plots
+    monkeypatch.setattr(plots, "have_matplotlib", lambda: False)
+    main(_args(toyworld, tmp_path, "--max_steps=2"))
+    assert "matplotlib is not installed: no pictures" in capsys.readouterr().out
+    assert (tmp_path / "ckpt.pt").exists() and not list(tmp_path.glob("*.png"))
 
 
 def test_resume_is_bit_identical(toyworld, tmp_path):

@@ -267,6 +267,7 @@ def test_short_run_lowers_every_loss_term_and_evaluates(toyworld, toy_pretrained
     for key in ("t2v_r1", "v2t_r1", "t2v_r1_rerank", "v2t_r1_rerank", "t2a_r1", "t2av_r1", "zeroshot_cls_acc",
                 "t2v_r1_chance", "t2a_r1_chance", "t2av_r1_chance", "zeroshot_cls_chance"):
         assert 0.0 <= m[key] <= 1.0, key
+    assert all((tmp_path / f).stat().st_size > 1000 for f in ("loss.png", "similarity.png"))
 
 
 def test_causal_mode_and_video_only_run(toyworld, toy_pretrained, tmp_path):

@@ -165,6 +165,7 @@ def test_short_run_lowers_the_loss_and_chat_answers(toyworld, toy_pretrained, tm
         assert m[f"substage{sub}_loss_last"] < m[f"substage{sub}_loss_first"], (sub, m)
     for key in ("qa_acc", "qa_chance", "caption_acc", "caption_chance", "qa_acc_color", "qa_chance_color"):
         assert 0.0 <= m[key] <= 1.0, key
+    assert (tmp_path / "loss.png").stat().st_size > 1000
     # every sub-stage has its own random stream: sub-stage 3 alone from sub-stage 2's checkpoint = the same run
     alone = main([f"--data={toyworld}", f"--out_dir={tmp_path / 'alone'}", f"--qformer_bert={toy_pretrained['bert']}",
                   f"--llm_ckpt={toy_pretrained['llm']}", "--steps=(15,15,15)", "--frames=(2,2,4)", "--max_llm_len=64",
