@@ -95,15 +95,19 @@ def bert_key_map(cfg: TextConfig):
 
 
 def load_bert(text_encoder, state, prefix=""):
-    """Load an official/Hugging Face BERT state dict (keys after `prefix`) through bert_key_map.
-    Shapes must match (KeyError naming each mismatch). Returns the list of our keys the checkpoint
+    """Load an official/Hugging Face BERT state dict (keys after `prefix`) through bert_key_map, with or
+    without the `bert.` prefix and with the legacy `LayerNorm.gamma`/`.beta` names. Shapes must match (KeyError naming each mismatch). Returns the list of our keys the checkpoint
     did not have (the new cross-attention when loading a plain BERT), so callers can report them."""
     own = text_encoder.state_dict()
     fresh, bad, new = [], [], {}
     for ours, theirs in bert_key_map(text_encoder.cfg).items():
-        src = state.get(prefix + theirs)
-        if src is None and theirs.startswith("bert."):  # `text_encoder.X` renaming (MM/tasks/shared_utils.py:165-168)
-            src = state.get(prefix + theirs[len("bert."):])
+        names = [theirs]
+        if theirs.startswith("bert."):                  # `text_encoder.X` renaming (MM/tasks/shared_utils.py:165-168)
+            names.append(theirs[len("bert."):])
+        if ".LayerNorm." in theirs:                     # the original bert-*-uncased files: LayerNorm.gamma / .beta
+            names += [n.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta")
+                      for n in names]
+        src = next((state[prefix + n] for n in names if prefix + n in state), None)
         if src is None:
             fresh.append(ours)
         elif src.shape != own[ours].shape:

@@ -9,7 +9,10 @@
                      zero-shot classification with prompt templates (MM/dataset/ret_dataset.py:283-297)
   evaluate_stage3    held-out QA accuracy per question type and caption accuracy, by generation
 
-Each stage script evaluates a checkpoint on its own with `--init_from=<ckpt> --max_steps=0`:
+Zero-shot evaluation of a stage-2 checkpoint on any folder with a val.jsonl (retrieval with and without matching
+re-ranking; classification when every line has a `label`, or ToyWorld's `attrs`), printed and written to JSON:
+    python evaluate.py --ckpt=out/stage2/ckpt.pt --data=data/toyworld
+Each stage script also evaluates a checkpoint on its own with `--init_from=<ckpt> --max_steps=0`:
     python train_stage1.py --init_from=out/stage1/ckpt.pt --max_steps=0 --out_dir=out/stage1_eval
 """
 import re
@@ -258,6 +261,8 @@ def positives(records, caption_key):
 
 # zero-shot classification of ToyWorld's 8 motion classes: each class name in every template, the cosines averaged
 ZEROSHOT_TEMPLATES = ("something moving {}", "a video of an object moving {}", "an object that moves {}", "{}")
+# and of the classes your held-out lines name in a `label` field (e.g. "label": "playing guitar")
+LABEL_TEMPLATES = ("a video of {}.", "a video of a person {}.", "{}")
 
 
 def motion_classes():
@@ -341,6 +346,12 @@ def evaluate_stage2(model, tok, cfg, vcfg, acfg, rt):
         reranked("t2av", sim_av, gt_av, "avs_caption", lambda vi: torch.cat([f["a_mem"][vi], f["v_mem"][vi]], dim=1),
                  "avtm")
 
+    if recs and all(isinstance(r.get("label"), str) for r in recs):             # your data's classes, named
+        classes = sorted({r["label"] for r in recs})
+        scores = zeroshot_scores(model, tok, f["v_emb"], classes, LABEL_TEMPLATES, cfg.max_text_len, rt)
+        truth = torch.tensor([classes.index(r["label"]) for r in recs])
+        out["zeroshot_label_acc"] = float((scores.argmax(1) == truth).float().mean())
+        out["zeroshot_label_chance"] = 1 / len(classes)
     if all("attrs" in r for r in recs):                                         # zero-shot motion classes
         classes = motion_classes()
         scores = zeroshot_scores(model, tok, f["v_emb"], classes, ZEROSHOT_TEMPLATES, cfg.max_text_len, rt)
@@ -435,3 +446,75 @@ def evaluate_stage3(model, llm_tok, bert_tok, cfg, vcfg, rt, video_at):
         out["caption_examples"] = [f"{recs[i]['caption']} -> {res['caption']}" for i, res in rows[:5]]
     model.train()
     return out
+
+
+# ------------------------------------------------------------------------------------------------
+# the command: zero-shot evaluation of a stage-2 checkpoint on any folder with a val.jsonl
+
+def main(argv=None):
+    """python evaluate.py --ckpt=out/stage2/ckpt.pt --data=<folder with val.jsonl> [--rerank_k=128] [--out=...]"""
+    import argparse
+    from types import SimpleNamespace
+    from common import cleanup, load_checkpoint, print0, setup_runtime, write_json
+    from data import WordPieceTokenizer, load_jsonl
+    from model import Stage2Model
+    p = argparse.ArgumentParser(description="Zero-shot retrieval (cosine, then matching re-ranking of the top k) and "
+                                "zero-shot classification of a stage-2 checkpoint on the val.jsonl of --data.")
+    p.add_argument("--ckpt", required=True, help="a stage-2 checkpoint of train_stage2.py")
+    p.add_argument("--data", required=True, help="folder with val.jsonl (the JSONL format of data.py)")
+    p.add_argument("--vocab", default="", help="BERT vocab.txt; default: the one the checkpoint was trained with")
+    p.add_argument("--num_frames", type=int, default=0, help="frames per clip; 0 = the checkpoint's")
+    p.add_argument("--rerank_k", type=int, default=0, help="candidates re-ranked by the matching head; 0 = the checkpoint's")
+    p.add_argument("--batch", type=int, default=64, help="clips per evaluation batch")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default="", help="JSON file for the figures; default <ckpt dir>/zeroshot_<data folder>.json")
+    a = p.parse_args(argv)
+    try:
+        ck = load_checkpoint(a.ckpt)
+    except (FileNotFoundError, RuntimeError) as e:
+        raise SystemExit(f"evaluate.py: {e}") from None
+    if not isinstance(ck, dict) or ck.get("stage") != 2 or "model_config" not in ck:
+        kind = f"a stage-{ck['stage']} checkpoint" if isinstance(ck, dict) and "stage" in ck else "not a checkpoint of this repository"
+        raise SystemExit(f"evaluate.py: {a.ckpt} is {kind}; --ckpt wants a stage-2 checkpoint (train_stage2.py)")
+    val = Path(a.data) / "val.jsonl"
+    if not val.exists():
+        raise SystemExit(f"evaluate.py: {val} does not exist (--data is a folder holding val.jsonl)")
+    tc = ck["config"]
+    rt = setup_runtime(a.device, "auto", 0)
+    model = Stage2Model.from_config(ck["model_config"])
+    model.load_state_dict(ck["model"])
+    cfg = SimpleNamespace(data=a.data, num_frames=a.num_frames or tc["num_frames"], seed=0, eval_batch=a.batch,
+                          max_text_len=tc["max_text_len"], rerank_k=a.rerank_k or tc["rerank_k"],
+                          resample_audio=tc.get("resample_audio", False))
+    model.vision_encoder.set_num_frames(cfg.num_frames)
+    model.to(rt.device)
+    tok = WordPieceTokenizer(a.vocab or tc.get("vocab") or Path(tc["data"]) / "vocab.txt")
+    records, _ = load_jsonl(val)
+    audio_keys = ("audio", "audio_caption", "avs_caption")
+    acfg = model.audio_encoder.cfg if model.has_audio else None
+    if acfg and not all(k in r for r in records for k in audio_keys):
+        print0(f"{val}: not every line has {', '.join(audio_keys)}: text <-> video only", rt=rt)
+        acfg = None
+    print0(f"{a.ckpt} on {val} ({len(records)} clips, {cfg.num_frames} frames, re-rank top {cfg.rerank_k})", rt=rt)
+    out = {"ckpt": str(a.ckpt), "data": str(val), "clips": len(records), "num_frames": cfg.num_frames,
+           "rerank_k": cfg.rerank_k, **evaluate_stage2(model, tok, cfg, model.vision_encoder.cfg, acfg, rt)}
+    if rt.master:
+        path = Path(a.out or Path(a.ckpt).parent / f"zeroshot_{Path(a.data).resolve().name}.json")
+        write_json(path, out)
+        for name in ("t2v", "v2t", "t2a", "a2t", "t2av", "av2t"):
+            if f"{name}_r1" in out:
+                row = " ".join(f"R@{k} {out[f'{name}_r{k}']:.3f}" for k in (1, 5, 10))
+                rr = (" | re-ranked " + " ".join(f"R@{k} {out[f'{name}_r{k}_rerank']:.3f}" for k in (1, 5, 10))
+                      if f"{name}_r1_rerank" in out else "")
+                print(f"{name:<5} {row}{rr}")
+        for kind in ("label", "cls"):
+            if f"zeroshot_{kind}_acc" in out:
+                print(f"zero-shot classification ({'labels' if kind == 'label' else 'ToyWorld motion classes'}) "
+                      f"{out[f'zeroshot_{kind}_acc']:.3f} (chance {out[f'zeroshot_{kind}_chance']:.3f})")
+        print(f"-> {path}")
+    cleanup(rt)
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -60,6 +60,7 @@ class VisionConfig:
     norm: str = "rms"              # "rms" (eps 1e-6) | "ln" (VideoMAE, eps 1e-6)
     layerscale: float = 1e-5       # LayerScale init; 0 = no LayerScale (SM/models/internvideo2_pretrain.py:261-262)
     act: str = "gelu_tanh"         # "gelu_tanh" (official fused MLP) | "gelu" (exact, VideoMAE)
+    attention_layout: str = "standard"  # "standard" | "official": the released VideoMAE teacher code's (Attention)
     drop_path: float = 0.25        # last block's drop path, linear from 0 (SM/models/internvideo2_pretrain.py:502)
     pool_heads: int = 16           # attention-pooling head (clip_projector)
     pool_dim: int = 768            # its output width (clip_embed_dim)
@@ -91,6 +92,7 @@ class VisionConfig:
             (self.qkv_bias in ("none", "qv"), "qkv_bias must be 'none' or 'qv'"),
             (self.norm in ("rms", "ln"), "norm must be 'rms' or 'ln'"),
             (self.act in ("gelu", "gelu_tanh"), "act must be 'gelu' or 'gelu_tanh'"),
+            (self.attention_layout in ("standard", "official"), "attention_layout must be 'standard' or 'official'"),
             (0 <= self.clip_return_layers <= self.depth, "clip_return_layers must be in [0, depth]"),
             (0 <= self.mae_return_layers <= self.depth, "mae_return_layers must be in [0, depth]"),
         ]
@@ -184,11 +186,17 @@ def attend(q, k, v, mask=None, causal=False, dropout=0.0, need_weights=False):
 
 class Attention(nn.Module):
     """Self-attention of the ViT family: one fused qkv Linear, output proj, optional q/v biases (VideoMAE),
-    optional qk-norm over the full width (InternVideo2, InternViT; SM/models/internvideo2_pretrain.py:169-181)."""
+    optional qk-norm over the full width (InternVideo2, InternViT; SM/models/internvideo2_pretrain.py:169-181).
 
-    def __init__(self, dim, heads, qkv_bias="none", qk_norm=False, norm="rms"):
+    layout="official" reproduces the VideoMAE teacher as InternVideo2's stage-1 code runs it
+    (SM/models/videomae.py:93-96): q, k, v are permuted to (B, heads, N, hd) and handed to flash_attn_func,
+    which reads (B, seqlen, heads, hd). So each token attends over its own heads (seqlen = heads) instead of
+    over the tokens, and the (B, heads, N, hd) result is reshaped to (B, N, dim) without a transpose back.
+    "standard" is real attention over the tokens, the default: the released checkpoint was trained with it."""
+
+    def __init__(self, dim, heads, qkv_bias="none", qk_norm=False, norm="rms", layout="standard"):
         super().__init__()
-        self.heads = heads
+        self.heads, self.layout = heads, layout
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)   # rows are [q; k; v] (SM/models/internvideo2_pretrain.py:196)
         if qkv_bias == "qv":                             # VideoMAE: k has no bias (SM/models/videomae.py:74-92)
             self.q_bias = nn.Parameter(torch.zeros(dim))
@@ -204,8 +212,11 @@ class Attention(nn.Module):
         q, k, v = F.linear(x, self.qkv.weight, bias).chunk(3, dim=-1)  # 3 x (B, N, D)
         q, k = self.q_norm(q), self.k_norm(k)            # normalised with all heads concatenated
         h = self.heads
-        y = attend(split_heads(q, h), split_heads(k, h), split_heads(v, h))
-        return self.proj(merge_heads(y))
+        q, k, v = split_heads(q, h), split_heads(k, h), split_heads(v, h)           # (B, H, N, hd)
+        if self.layout == "official":          # flash's view of (B, H, N, hd): batch B, seqlen H, N "heads"
+            y = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))     # (B, N, H, hd), softmax over H
+            return self.proj(y.transpose(1, 2).reshape(x.shape))                     # (B, H, N, hd) memory, no transpose
+        return self.proj(merge_heads(attend(q, k, v)))
 
 
 class Mlp(nn.Module):
@@ -255,7 +266,7 @@ class Block(nn.Module):
         super().__init__()
         d = cfg.dim
         self.norm1 = make_norm(cfg.norm, d)
-        self.attn = Attention(d, cfg.heads, cfg.qkv_bias, cfg.qk_norm, cfg.norm)
+        self.attn = Attention(d, cfg.heads, cfg.qkv_bias, cfg.qk_norm, cfg.norm, cfg.attention_layout)
         self.ls1 = LayerScale(d, cfg.layerscale) if cfg.layerscale else nn.Identity()
         self.drop_path1 = DropPath(drop_path)
         self.norm2 = make_norm(cfg.norm, d)

@@ -182,13 +182,13 @@ class Teachers:
         return out
 
 
-def load_teacher(kind, preset, path):
+def load_teacher(kind, preset, path, **overrides):
     """Build a teacher and load its checkpoint in the official layout:
     image teacher: {'module': state} (DeepSpeed), 2-D patch kernel inflated to Conv3d, pos_embed
     resized bicubically if the grid differs; video teacher: {'model': {'encoder.' + key: ...}}.
     Missing or mis-shaped keys raise KeyError naming them; unexpected keys are listed and ignored."""
     table, Net = (CLIP_TEACHER_PRESETS, InternViTTeacher) if kind == "clip" else (MAE_TEACHER_PRESETS, VideoMAETeacher)
-    net = Net(teacher_preset(table, preset))
+    net = Net(replace(teacher_preset(table, preset), **overrides))
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{kind} teacher checkpoint {path} does not exist")
@@ -225,12 +225,13 @@ def _resize_pos_2d(pe, n_new):
     return torch.cat([pe[:, :1], grid.permute(0, 2, 3, 1).reshape(1, new * new, D).to(pe.dtype)], dim=1)
 
 
-def build_teachers(clip_preset, mae_preset, clip_ckpt=None, mae_ckpt=None):
-    """The frozen pair; a None checkpoint leaves that teacher randomly initialised (benchmarks, tests)."""
+def build_teachers(clip_preset, mae_preset, clip_ckpt=None, mae_ckpt=None, mae_attention="standard"):
+    """The frozen pair; a None checkpoint leaves that teacher randomly initialised (benchmarks, tests).
+    mae_attention: the video teacher's attention_layout ("official": as the released stage-1 code runs it)."""
     clip = (load_teacher("clip", clip_preset, clip_ckpt) if clip_ckpt
             else InternViTTeacher(teacher_preset(CLIP_TEACHER_PRESETS, clip_preset)))
-    mae = (load_teacher("mae", mae_preset, mae_ckpt) if mae_ckpt
-           else VideoMAETeacher(teacher_preset(MAE_TEACHER_PRESETS, mae_preset)))
+    mae = (load_teacher("mae", mae_preset, mae_ckpt, attention_layout=mae_attention) if mae_ckpt
+           else VideoMAETeacher(replace(teacher_preset(MAE_TEACHER_PRESETS, mae_preset), attention_layout=mae_attention)))
     return Teachers(clip, mae)
 
 

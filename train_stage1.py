@@ -49,6 +49,7 @@ class Stage1Config:
     clip_teacher_ckpt: str = ""     # "" = toys/toy_clip_teacher.pt for toy (shipped; trained if missing)
     mae_teacher_ckpt: str = ""      # "" = toys/toy_mae_teacher.pt for toy (shipped; trained if missing)
     random_teachers: bool = False   # random-init teachers (benchmarks, tests); the probe is then meaningless
+    mae_teacher_attention: str = "standard"  # standard | official: the released code's attention (README, differences)
     teacher_steps: tuple = (2000, 0, 400)  # toy teachers' (CLIP, VideoMAE, motion) steps when they must be trained
     # masking and loss
     mask_type: str = "attention"    # attention | tube | random (SM/scripts/pretraining/1B_pt.sh:23-24)
@@ -91,6 +92,8 @@ class Stage1Config:
     BY_PRESET = {"lr": (1.2e-2, 1.5e-4), "min_lr": (1e-4, 1e-5), "mask_ratio": (0.5, 0.8)}
 
     def validate(self):
+        check(self.mae_teacher_attention in ("standard", "official"),
+              f"--mae_teacher_attention must be standard or official, got {self.mae_teacher_attention!r}")
         check(self.mask_type in MASK_TYPES, f"--mask_type must be attention, tube or random, got {self.mask_type!r}")
         check(self.batch_size > 0 and self.grad_accum > 0, "--batch_size and --grad_accum must be positive")
         check(self.max_steps >= 0 and self.warmup_steps >= 0, "--max_steps and --warmup_steps must be >= 0")
@@ -131,7 +134,8 @@ def main(argv=None):
             print0(f"toy teachers missing ({', '.join(missing_toy)}): pre-training them on {cfg.data} first")
             pretrain_toy_teachers(cfg.data, Path(missing_toy[0]).parent, *cfg.teacher_steps, seed=cfg.seed)
         barrier(rt)
-    teachers = build_teachers(cfg.clip_teacher, cfg.mae_teacher, clip_ckpt or None, mae_ckpt or None)
+    teachers = build_teachers(cfg.clip_teacher, cfg.mae_teacher, clip_ckpt or None, mae_ckpt or None,
+                              cfg.mae_teacher_attention)
     teachers.to(rt.device, rt.frozen_dtype if cfg.teacher_dtype == "auto" else pick_dtype(rt.device, cfg.teacher_dtype))
     check(teachers.clip.cfg.dim == vcfg.clip_teacher_dim and teachers.mae.cfg.dim == vcfg.mae_teacher_dim
           and teachers.clip.cfg.pool_dim == vcfg.clip_teacher_final_dim,

@@ -35,6 +35,8 @@ def test_config_errors_are_named(toyworld, tmp_path, capsys):
         main(_args(toyworld, tmp_path, "--teacher_steps=(450,100)"))
     with pytest.raises(ConfigError, match="--mask_type must be"):
         main(_args(toyworld, tmp_path, "--mask_type=blocks"))
+    with pytest.raises(ConfigError, match="--mae_teacher_attention must be standard or official"):
+        main(_args(toyworld, tmp_path, "--mae_teacher_attention=flash"))
     with pytest.raises(SystemExit) as e:
         main(["--help"])
     assert e.value.code == 0 and "--mask_type='attention'" in capsys.readouterr().out

@@ -1,5 +1,6 @@
 """Stage 2: tokenizer, fbank, audio input checks, text/audio encoders and their checkpoint layouts,
 matching negatives, MLM masking, the causal variant, the stage-1 hand-off, a short run, torchrun."""
+import json
 import math
 import subprocess
 import sys
@@ -122,6 +123,14 @@ def test_bert_loads_from_hugging_face_names_and_reports_the_new_cross_attention(
     assert fresh and all(".cross" in k for k in fresh)
     with pytest.raises(KeyError, match="word_embeddings"):
         load_bert(_text(), {**plain, "bert.embeddings.word_embeddings.weight": torch.zeros(3, 3)})
+    # the original bert-*-uncased files name LayerNorm's parameters gamma and beta, and may drop `bert.`
+    legacy = {k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta")
+              .removeprefix("bert."): v for k, v in official.items()}
+    assert sum(".gamma" in k for k in legacy) > 5
+    dst = _text()
+    assert load_bert(dst, legacy) == []
+    torch.testing.assert_close(dst.mlm_logits(dst.forward_text(ids, torch.ones_like(ids))),
+                               src.mlm_logits(src.forward_text(ids, torch.ones_like(ids))))
 
 
 def test_bert_large_parameter_count_on_meta():
@@ -268,6 +277,28 @@ def test_short_run_lowers_every_loss_term_and_evaluates(toyworld, toy_pretrained
                 "t2v_r1_chance", "t2a_r1_chance", "t2av_r1_chance", "zeroshot_cls_chance"):
         assert 0.0 <= m[key] <= 1.0, key
     assert all((tmp_path / f).stat().st_size > 1000 for f in ("loss.png", "similarity.png"))
+    # the evaluation command on that checkpoint: ToyWorld (audio, motion classes), then a folder of your own
+    import evaluate
+    out = evaluate.main([f"--ckpt={tmp_path / 'ckpt.pt'}", f"--data={toyworld}", "--rerank_k=8"])
+    for key in ("t2v_r1", "v2t_r10", "t2v_r1_rerank", "t2a_r1", "t2av_r1_rerank", "zeroshot_cls_acc"):
+        assert 0.0 <= out[key] <= 1.0, key
+    saved = json.loads((tmp_path / f"zeroshot_{toyworld.name}.json").read_text())
+    assert saved["t2v_r1"] == out["t2v_r1"] and saved["rerank_k"] == 8
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    recs = [json.loads(line) for line in open(toyworld / "val.jsonl")][:8]
+    (mine / "val.jsonl").write_text("".join(json.dumps({"id": r["id"], "video": str(toyworld / r["video"]),
+                                                        "caption": r["caption"], "label": r["attrs"]["color"]}) + "\n"
+                                            for r in recs))
+    out = evaluate.main([f"--ckpt={tmp_path / 'ckpt.pt'}", f"--data={mine}", f"--out={mine / 'eval.json'}"])
+    assert 0.0 <= out["zeroshot_label_acc"] <= 1.0 and out["zeroshot_label_chance"] == 1 / len({r["attrs"]["color"] for r in recs})
+    assert "t2a_r1" not in out and "zeroshot_cls_acc" not in out and (mine / "eval.json").exists()
+    torch.save({"stage": 1, "model": {}}, tmp_path / "s1.pt")
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    for bad, says in (("s1.pt", "is a stage-1 checkpoint; --ckpt wants a stage-2"), ("notes.txt", "cannot be read"),
+                      ("nowhere.pt", "does not exist")):
+        with pytest.raises(SystemExit, match=says):
+            evaluate.main([f"--ckpt={tmp_path / bad}", f"--data={toyworld}"])
 
 
 def test_causal_mode_and_video_only_run(toyworld, toy_pretrained, tmp_path):

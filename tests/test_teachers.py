@@ -1,4 +1,6 @@
 """teachers.py: frozen and outside the student, official checkpoint layouts, output conventions."""
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -98,3 +100,40 @@ def test_toy_teacher_pretraining_lowers_both_losses_and_saves_official_layouts(t
         assert last < first, (name, losses[name])
     assert "module" in torch.load(clip_path) and all(k.startswith("encoder.") for k in torch.load(mae_path)["model"])
     build_teachers("toy", "toy", clip_path, mae_path)
+
+
+def test_video_teacher_attention_layouts_equal_explicit_references():
+    """standard: each head's softmax over the tokens. official: the released teacher's call (SM/models/videomae.py:
+    93-96), flash_attn_func on q, k, v permuted to (B, heads, N, hd) while it reads (batch, seqlen, heads, hd):
+    written out below as that function defines it, position by position, then reshaped with no transpose back."""
+    from model import Attention
+    torch.manual_seed(0)
+    B, N, H, hd = 2, 5, 4, 8
+    D = H * hd
+    std = Attention(D, H, qkv_bias="qv", layout="standard")
+    for p in std.parameters():
+        p.data.normal_(0, 0.3)
+    off = Attention(D, H, qkv_bias="qv", layout="official")
+    off.load_state_dict(std.state_dict())
+    x = torch.randn(B, N, D)
+    bias = torch.cat([std.q_bias, torch.zeros(D), std.v_bias])
+    q, k, v = (x @ std.qkv.weight.t() + bias).view(B, N, 3, H, hd).unbind(2)        # (B, N, H, hd) each
+    proj = lambda y: y @ std.proj.weight.t() + std.proj.bias
+    s = torch.einsum("bihd,bjhd->bhij", q, k) / hd ** 0.5
+    ref_std = proj(torch.einsum("bhij,bjhd->bihd", s.softmax(-1), v).reshape(B, N, D))
+    qf, kf, vf = (t.permute(0, 2, 1, 3) for t in (q, k, v))                        # (B, H, N, hd), as handed over
+    out = torch.empty(B, H, N, hd)                                                 # flash: (batch, seqlen, heads, hd)
+    for b in range(B):
+        for n in range(N):                          # flash's head index runs over the tokens
+            for i in range(H):                      # flash's sequence position runs over the heads
+                w = torch.stack([qf[b, i, n] @ kf[b, j, n] for j in range(H)]) / hd ** 0.5
+                out[b, i, n] = (w.softmax(0)[:, None] * vf[b, :, n]).sum(0)
+    ref_off = proj(out.reshape(B, N, D))
+    torch.testing.assert_close(std(x), ref_std)
+    torch.testing.assert_close(off(x), ref_off)
+    assert (std(x) - off(x)).abs().max() > 0.1
+    # selectable for the video teacher as a config field, carried into every block
+    cfg = replace(MAE_TEACHER_PRESETS["toy"], attention_layout="official")
+    assert all(b.attn.layout == "official" for b in VideoMAETeacher(cfg).blocks)
+    with pytest.raises(ValueError, match="attention_layout must be"):
+        replace(cfg, attention_layout="flash").validate()
