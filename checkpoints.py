@@ -4,6 +4,8 @@
                        checkpoint into a stage-2 or stage-3 model, its position table resized in time
   bert_key_map / load_bert      Hugging Face / official BERT (`BertForMaskedLM`) into TextEncoder
   load_beats                    the official BEATs checkpoint ({'cfg', 'model'}) into AudioEncoder
+  load_official_stage2          a released InternVideo2 stage-2 file (video-text, `InternVideo2_Stage2_visual`)
+                                into a Stage2Model, the architecture read from the file's shapes
   qformer_from_bert             a BERT of the same width into the Q-Former (VideoChat2's start)
   llm_key_map / load_llm        Hugging Face Mistral / LLaMA into LLM
 
@@ -13,7 +15,8 @@ own layouts load in teachers.py (load_teacher).
 import re
 from pathlib import Path
 
-from model import AudioEncoder, TextConfig, audio_preset, interpolate_pos_embed_time, text_preset
+from model import (TEXT_PRESETS, VISION_PRESETS, AudioEncoder, Stage2Model, TextConfig, audio_preset,
+                   interpolate_pos_embed_time, text_preset, vision_preset)
 
 
 # The toy stand-ins for the downloaded checkpoints (the two teachers, BERT, the LLM), trained on ToyWorld and
@@ -94,10 +97,11 @@ def bert_key_map(cfg: TextConfig):
     return m
 
 
-def load_bert(text_encoder, state, prefix=""):
+def load_bert(text_encoder, state, prefix="", used=None):
     """Load an official/Hugging Face BERT state dict (keys after `prefix`) through bert_key_map, with or
     without the `bert.` prefix and with the legacy `LayerNorm.gamma`/`.beta` names. Shapes must match (KeyError naming each mismatch). Returns the list of our keys the checkpoint
-    did not have (the new cross-attention when loading a plain BERT), so callers can report them."""
+    did not have (the new cross-attention when loading a plain BERT), so callers can report them; `used`
+    (a set) collects the checkpoint keys it read."""
     own = text_encoder.state_dict()
     fresh, bad, new = [], [], {}
     for ours, theirs in bert_key_map(text_encoder.cfg).items():
@@ -107,7 +111,10 @@ def load_bert(text_encoder, state, prefix=""):
         if ".LayerNorm." in theirs:                     # the original bert-*-uncased files: LayerNorm.gamma / .beta
             names += [n.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta")
                       for n in names]
-        src = next((state[prefix + n] for n in names if prefix + n in state), None)
+        name = next((prefix + n for n in names if prefix + n in state), None)
+        src = None if name is None else state[name]
+        if used is not None and name is not None:
+            used.add(name)
         if src is None:
             fresh.append(ours)
         elif src.shape != own[ours].shape:
@@ -185,3 +192,70 @@ def load_llm(llm, state):
     if bad:
         raise KeyError(f"LLM checkpoint does not fit: {bad[:10]}")
     llm.load_state_dict(new)
+
+
+def load_official_stage2(raw, log=print):
+    """A released InternVideo2 stage-2 checkpoint (`InternVideo2_Stage2_visual`: MM/models/internvideo2_stage2_visual.py:
+    17-48), flat or wrapped in `module` / `model`, -> (Stage2Model, {"loaded", "skipped"}). The architecture comes
+    from the file's shapes: vision width and depth pick the preset (1B, 6B, ...; toy for tests), the position table
+    gives the frame count; BERT's width, depth and first cross-attention layer pick the text preset (bert-large:
+    19 text + 5 fusion layers). Keys it does not use (the stage-2 distillation heads `clip_decoder`,
+    `final_clip_decoder`, `clip_pos_embed`, the image tables `img_pos_embed`, `clip_img_pos_embed`, BERT's
+    `position_ids` and the MLM decoder tied to the word embeddings) are logged by name; a missing or mis-shaped
+    required tensor raises KeyError naming it. The audio-visual 6B layout (`audio_encoder.*`) is refused."""
+    state = raw.get("module", raw.get("model", raw)) if isinstance(raw, dict) else raw
+    if not isinstance(state, dict) or "vision_encoder.patch_embed.proj.weight" not in state:
+        raise KeyError("not an InternVideo2 stage-2 checkpoint: no vision_encoder.patch_embed.proj.weight")
+    if any(k.startswith("audio_encoder.") for k in state):
+        raise KeyError("the audio-visual stage-2 layout (audio_encoder.*, av_fusion) is not supported yet; "
+                       "this loader reads the video-text one (InternVideo2_Stage2_visual)")
+    depth_of = lambda pattern: 1 + max(int(m.group(1)) for k in state for m in [re.match(pattern, k)] if m)
+
+    # vision: width and depth -> preset; patch from the kernel; frames from the position table
+    w = state["vision_encoder.patch_embed.proj.weight"]                          # (D, 3, tubelet, p, p)
+    dim, patch, vdepth = w.shape[0], w.shape[-1], depth_of(r"vision_encoder\.blocks\.(\d+)\.")
+    names = [n for n, c in VISION_PRESETS.items() if (c.dim, c.depth) == (dim, vdepth)]
+    if not names:
+        raise KeyError(f"no vision preset has width {dim} and depth {vdepth} (presets: "
+                       + ", ".join(f"{n} {c.dim}x{c.depth}" for n, c in VISION_PRESETS.items()) + ")")
+    base = VISION_PRESETS[names[0]]
+    grid = (base.img_size // patch) ** 2
+    n_pos = state["vision_encoder.pos_embed"].shape[1] - 1
+    if n_pos % grid:
+        raise KeyError(f"vision_encoder.pos_embed has {n_pos} patch rows, not a multiple of {grid} "
+                       f"({base.img_size} px in {patch} px patches)")
+    vcfg = vision_preset(names[0], num_frames=n_pos // grid * w.shape[2], patch_size=patch,
+                         pool_dim=state["vision_encoder.clip_projector.cross_attn.proj.weight"].shape[0])
+
+    # text: BERT under text_encoder.bert. (pre-training) or text_encoder. (renamed for evaluation)
+    tp = "text_encoder.bert." if "text_encoder.bert.embeddings.word_embeddings.weight" in state else "text_encoder."
+    if f"{tp}embeddings.word_embeddings.weight" not in state:
+        raise KeyError("no text_encoder.bert.embeddings.word_embeddings.weight: not a video-text stage-2 checkpoint")
+    vocab, tdim = state[f"{tp}embeddings.word_embeddings.weight"].shape
+    layer = re.escape(tp) + r"encoder\.layer\.(\d+)\."
+    tdepth = depth_of(layer)
+    fusion = min(int(re.match(layer, k).group(1)) for k in state if re.match(layer + "crossattention", k))
+    tnames = [n for n, c in TEXT_PRESETS.items() if (c.dim, c.depth, c.fusion_layer) == (tdim, tdepth, fusion)]
+    if not tnames:
+        raise KeyError(f"no text preset has width {tdim}, {tdepth} layers and cross-attention from layer {fusion}")
+    tcfg = text_preset(tnames[0], vocab_size=vocab)
+    model = Stage2Model(vcfg, tcfg, None, state["vision_proj.weight"].shape[0])
+
+    # load: the encoder through the stage hand-off, BERT through its key map, then the heads
+    report = load_video_encoder(model, {"model": state}, "the stage-2 file", log=lambda m: None)
+    used = {f"vision_encoder.{k}" for k in report["loaded"]}
+    fresh = load_bert(model.text_encoder, state, prefix="text_encoder.", used=used)
+    if fresh:
+        raise KeyError(f"the stage-2 file lacks BERT tensors: {key_names(fresh)}")
+    own = model.state_dict()
+    heads = {k: state[k] for k in own if not k.startswith(("vision_encoder.", "text_encoder.")) and k in state}
+    missing = [k for k in own if not k.startswith(("vision_encoder.", "text_encoder.")) and k not in state]
+    bad = [k for k, v in heads.items() if v.shape != own[k].shape]
+    if missing or bad:
+        raise KeyError(f"the stage-2 file does not fit the heads: missing {missing}, wrong shapes {bad}")
+    model.load_state_dict(heads, strict=False)
+    used |= set(heads)
+    skipped = sorted(k for k in state if k not in used)
+    log(f"official stage-2 checkpoint: vision {names[0]} at {vcfg.num_frames} frames, text {tnames[0]} "
+        f"(vocabulary {vocab}); loaded {len(used)} tensors, none left fresh; ignored {len(skipped)}: {key_names(skipped)}")
+    return model, {"loaded": sorted(used), "skipped": skipped}

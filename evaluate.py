@@ -460,11 +460,13 @@ def main(argv=None):
     from model import Stage2Model
     p = argparse.ArgumentParser(description="Zero-shot retrieval (cosine, then matching re-ranking of the top k) and "
                                 "zero-shot classification of a stage-2 checkpoint on the val.jsonl of --data.")
-    p.add_argument("--ckpt", required=True, help="a stage-2 checkpoint of train_stage2.py")
+    p.add_argument("--ckpt", required=True, help="a stage-2 checkpoint: train_stage2.py's, or a released "
+                   "InternVideo2 stage-2 (video-text) file")
     p.add_argument("--data", required=True, help="folder with val.jsonl (the JSONL format of data.py)")
     p.add_argument("--vocab", default="", help="BERT vocab.txt; default: the one the checkpoint was trained with")
     p.add_argument("--num_frames", type=int, default=0, help="frames per clip; 0 = the checkpoint's")
     p.add_argument("--rerank_k", type=int, default=0, help="candidates re-ranked by the matching head; 0 = the checkpoint's")
+    p.add_argument("--max_text_len", type=int, default=0, help="caption tokens; 0 = the checkpoint's (official files: 40)")
     p.add_argument("--batch", type=int, default=64, help="clips per evaluation batch")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default="", help="JSON file for the figures; default <ckpt dir>/zeroshot_<data folder>.json")
@@ -473,18 +475,30 @@ def main(argv=None):
         ck = load_checkpoint(a.ckpt)
     except (FileNotFoundError, RuntimeError) as e:
         raise SystemExit(f"evaluate.py: {e}") from None
-    if not isinstance(ck, dict) or ck.get("stage") != 2 or "model_config" not in ck:
-        kind = f"a stage-{ck['stage']} checkpoint" if isinstance(ck, dict) and "stage" in ck else "not a checkpoint of this repository"
-        raise SystemExit(f"evaluate.py: {a.ckpt} is {kind}; --ckpt wants a stage-2 checkpoint (train_stage2.py)")
     val = Path(a.data) / "val.jsonl"
     if not val.exists():
         raise SystemExit(f"evaluate.py: {val} does not exist (--data is a folder holding val.jsonl)")
-    tc = ck["config"]
+    if isinstance(ck, dict) and "stage" not in ck:                   # a released InternVideo2 stage-2 file
+        from checkpoints import load_official_stage2
+        try:
+            model, _ = load_official_stage2(ck)
+        except KeyError as e:
+            raise SystemExit(f"evaluate.py: {a.ckpt}: {e.args[0]}") from None
+        if not a.vocab:
+            raise SystemExit("evaluate.py: an official checkpoint needs --vocab=<its BERT vocab.txt> (bert-large-uncased)")
+        # the official MSR-VTT zero-shot settings (MM/scripts/evaluation/stage2/zero_shot/1B/config_msrvtt.py:19-31, 114)
+        tc = {"num_frames": model.vision_encoder.cfg.num_frames, "max_text_len": 40, "rerank_k": 128}
+    elif isinstance(ck, dict) and ck.get("stage") == 2 and "model_config" in ck:
+        model = Stage2Model.from_config(ck["model_config"])
+        model.load_state_dict(ck["model"])
+        tc = ck["config"]
+    else:
+        kind = f"a stage-{ck['stage']} checkpoint" if isinstance(ck, dict) else "not a checkpoint"
+        raise SystemExit(f"evaluate.py: {a.ckpt} is {kind}; --ckpt wants a stage-2 checkpoint (train_stage2.py, "
+                         f"or a released InternVideo2 stage-2 file)")
     rt = setup_runtime(a.device, "auto", 0)
-    model = Stage2Model.from_config(ck["model_config"])
-    model.load_state_dict(ck["model"])
     cfg = SimpleNamespace(data=a.data, num_frames=a.num_frames or tc["num_frames"], seed=0, eval_batch=a.batch,
-                          max_text_len=tc["max_text_len"], rerank_k=a.rerank_k or tc["rerank_k"],
+                          max_text_len=a.max_text_len or tc["max_text_len"], rerank_k=a.rerank_k or tc["rerank_k"],
                           resample_audio=tc.get("resample_audio", False))
     model.vision_encoder.set_num_frames(cfg.num_frames)
     model.to(rt.device)

@@ -341,3 +341,49 @@ def test_stage2_settings_say_what_they_mean():
     assert set(full.caption_map().values()) == {"caption"} and full.img_size == 224 and full.drop_path == 0.25
     with pytest.raises(ConfigError, match="unknown losses"):
         parse_config(Stage2Config(), ["--captions=vtx:caption"])
+
+
+def test_official_stage2_layout_loads_by_its_shapes_and_evaluates(toyworld, tmp_path):
+    """A tiny file in the released `InternVideo2_Stage2_visual` layout (FACTS-free: the key names of
+    MM/models/internvideo2_stage2_visual.py:17-48 and xbert.py), wrapped as the official saver wraps it."""
+    import evaluate
+    from checkpoints import load_official_stage2
+    tok = WordPieceTokenizer(toyworld / "vocab.txt")
+    torch.manual_seed(0)
+    src = Stage2Model(vision_preset("toy", num_frames=4), text_preset("toy", vocab_size=len(tok)), None, 96).eval()
+    key_map = bert_key_map(src.text_encoder.cfg)
+    state = {f"vision_encoder.{k}": v for k, v in src.vision_encoder.state_dict().items()}
+    state.update({f"text_encoder.{key_map[k]}": v for k, v in src.text_encoder.state_dict().items()})
+    state.update({k: v for k, v in src.state_dict().items() if not k.startswith(("vision_encoder.", "text_encoder."))})
+    extras = {"vision_encoder.clip_pos_embed": torch.zeros(1, 65, 96), "vision_encoder.img_pos_embed": torch.zeros(1, 17, 96),
+              "vision_encoder.clip_img_pos_embed": torch.zeros(1, 17, 96),
+              "vision_encoder.clip_decoder.0.head.weight": torch.zeros(96, 96),
+              "vision_encoder.final_clip_decoder.head.weight": torch.zeros(96, 96),
+              "text_encoder.bert.embeddings.position_ids": torch.arange(64)[None],
+              "text_encoder.cls.predictions.decoder.weight": src.text_encoder.word_emb.weight}
+    torch.save({"model": {**state, **extras}, "epoch": 9}, tmp_path / "official.pth")
+    model, report = load_official_stage2(torch.load(tmp_path / "official.pth"), log=lambda m: None)
+    assert report["skipped"] == sorted(extras) and set(report["loaded"]) == set(state)
+    model.eval()
+    video, ids = torch.randn(2, 3, 4, 32, 32), torch.randint(5, len(tok), (2, 7))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        for a, b in zip(model.encode_video(video) + model.encode_text(ids, mask),
+                        src.encode_video(video) + src.encode_text(ids, mask)):
+            torch.testing.assert_close(a, b)
+        mem = src.encode_video(video)[0]
+        torch.testing.assert_close(model.match_logits(src.encode_text(ids, mask)[0], mask, mem),
+                                   src.match_logits(src.encode_text(ids, mask)[0], mask, mem))
+    out = evaluate.main([f"--ckpt={tmp_path / 'official.pth'}", f"--data={toyworld}", f"--vocab={toyworld / 'vocab.txt'}",
+                         "--rerank_k=4", f"--out={tmp_path / 'eval.json'}"])
+    assert 0.0 <= out["t2v_r1_rerank"] <= 1.0 and out["num_frames"] == 4
+    # refused by name: no preset of that shape, a missing tensor, the audio-visual layout, no --vocab
+    wide = {**state, "vision_encoder.patch_embed.proj.weight": torch.zeros(80, 3, 1, 8, 8)}
+    with pytest.raises(KeyError, match="no vision preset has width 80 and depth 4"):
+        load_official_stage2(wide)
+    with pytest.raises(KeyError, match="itm_head.weight"):
+        load_official_stage2({k: v for k, v in state.items() if k != "itm_head.weight"})
+    with pytest.raises(KeyError, match="audio-visual"):
+        load_official_stage2({**state, "audio_encoder.patch_embedding.weight": torch.zeros(1)})
+    with pytest.raises(SystemExit, match="needs --vocab"):
+        evaluate.main([f"--ckpt={tmp_path / 'official.pth'}", f"--data={toyworld}"])
