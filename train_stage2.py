@@ -20,7 +20,7 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from checkpoints import TOYS, load_beats, load_bert, load_video_encoder
+from checkpoints import TOYS, key_names, load_beats, load_bert, load_video_encoder
 from common import (RunLog, WithLoss, barrier, build_optimizer, by_preset, check, compile_blocks, cosine_lr,
                     distribute, finish, load_checkpoint, model_state, optimizer_state, parse_config, print0, resume,
                     run_summary, save_checkpoint, setup_runtime, training_loop)
@@ -166,9 +166,12 @@ def main(argv=None):
                               seed=cfg.seed)
         barrier(rt)
     if cfg.text_ckpt:
-        fresh = load_bert(model.text_encoder, load_checkpoint(cfg.text_ckpt))
+        bert_state, used = load_checkpoint(cfg.text_ckpt), set()
+        fresh = load_bert(model.text_encoder, bert_state, used=used)
+        ignored = [k for k in bert_state if k not in used]
         print0(f"text encoder from {cfg.text_ckpt}; new (random) tensors: {len(fresh)} "
-               f"({sorted({k.split('.')[2] for k in fresh if k.startswith('layers.')})} of the fusion layers)", rt=rt)
+               f"({sorted({k.split('.')[2] for k in fresh if k.startswith('layers.')})} of the fusion layers); "
+               f"ignored {len(ignored)} keys: {key_names(ignored)}", rt=rt)
     if acfg and cfg.audio_ckpt:
         model.audio_encoder = load_beats(load_checkpoint(cfg.audio_ckpt))
     if acfg and not cfg.train_audio:

@@ -344,7 +344,7 @@ def test_stage2_settings_say_what_they_mean():
 
 
 def test_official_stage2_layout_loads_by_its_shapes_and_evaluates(toyworld, tmp_path):
-    """A tiny file in the released `InternVideo2_Stage2_visual` layout (FACTS-free: the key names of
+    """A tiny file in the released `InternVideo2_Stage2_visual` layout (the key names of
     MM/models/internvideo2_stage2_visual.py:17-48 and xbert.py), wrapped as the official saver wraps it."""
     import evaluate
     from checkpoints import load_official_stage2
