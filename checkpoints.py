@@ -1,7 +1,8 @@
 """checkpoints.py: checkpoints in, our modules out, and a report of every key that was not used.
 
   load_video_encoder   the one hand-off between stages: the InternVideo2 encoder of a stage-1, 2 or 3
-                       checkpoint into a stage-2 or stage-3 model, its position table resized in time
+                       checkpoint (ours or released) into a stage-2 or stage-3 model, its table resized in time
+  stage1_student_state  --init_from for stage 1: our stage-1 checkpoint or the released pre-training module
   bert_key_map / load_bert      Hugging Face / official BERT (`BertForMaskedLM`) into TextEncoder
   load_beats                    the official BEATs checkpoint ({'cfg', 'model'}) into AudioEncoder
   load_official_stage2          a released InternVideo2 stage-2 file (video-text, `InternVideo2_Stage2_visual`)
@@ -42,12 +43,18 @@ def load_video_encoder(model, ck, source="checkpoint", log=print):
     key it leaves fresh: {"loaded", "skipped", "fresh"}, lists of names."""
     enc = model.vision_encoder
     own = enc.state_dict()
-    stage, prefix = ck.get("stage"), "" if ck.get("stage") == 1 else "vision_encoder."
-    state = {k[len(prefix):]: v for k, v in ck["model"].items() if k.startswith(prefix)}
+    stage = ck.get("stage")
+    raw = ck["model"] if stage else ck.get("module", ck.get("model", ck))      # released files: flat or wrapped
+    prefix = "" if stage == 1 or (not stage and "patch_embed.proj.weight" in raw) else "vision_encoder."
+    state = {k[len(prefix):]: v for k, v in raw.items() if k.startswith(prefix)}
     mc = ck.get("model_config", {})
     vc = mc.get("vision") or mc                                  # stage 2/3 nest it, stage 1 does not
     tub = vc.get("tubelet_size", enc.cfg.tubelet_size)
-    t_old, t_new = vc.get("num_frames", enc.cfg.num_frames) // tub, enc.cfg.grid[0]
+    t_new, hw = enc.cfg.grid[0], enc.cfg.grid[1] * enc.cfg.grid[2]
+    if "num_frames" in vc:
+        t_old = vc["num_frames"] // tub
+    else:                                                        # a released file: its table's length says
+        t_old = (state["pos_embed"].shape[1] - 1) // hw if "pos_embed" in state else t_new
     if "pos_embed" in state:
         state["pos_embed"] = interpolate_pos_embed_time(state["pos_embed"], t_old, t_new)
     missing = [k for k in own if k not in state]
@@ -56,14 +63,33 @@ def load_video_encoder(model, ck, source="checkpoint", log=print):
     if missing or bad:
         raise KeyError(f"{source} does not fit the video encoder: missing {missing[:10]}, wrong shapes {bad[:10]}")
     enc.load_state_dict({k: state[k] for k in own})
-    skipped = sorted(k for k in ck["model"] if not k.startswith(prefix) or k[len(prefix):] not in own)
+    skipped = sorted(k for k in raw if not k.startswith(prefix) or k[len(prefix):] not in own)
     fresh = sorted(k for k in model.state_dict() if not k.startswith("vision_encoder."))
     part = lambda k: k.split(".")[0] + (".*" if "." in k else "")                     # other networks: by part
     names = [k if k.startswith(prefix) else part(k) for k in skipped]
-    log(f"stage-{stage} hand-off from {source}: loaded all {len(own)} video-encoder tensors (pos_embed {t_old} -> "
+    log(f"{f'stage-{stage}' if stage else 'released'} hand-off from {source}: loaded all {len(own)} video-encoder tensors (pos_embed {t_old} -> "
         f"{t_new} frames); skipped {len(skipped)} keys: {key_names(names)}; not from this checkpoint: "
         f"{key_names(part(k) for k in fresh)}")
     return {"loaded": sorted(own), "skipped": skipped, "fresh": fresh}
+
+
+def stage1_student_state(student, ck, source="checkpoint", log=print):
+    """--init_from for stage 1: the student's tensors from our stage-1 checkpoint or from the released pre-training
+    module (official key names, decoders included; flat, or wrapped by DeepSpeed in `module` or `model`). Every
+    student tensor must be there with its shape (KeyError naming the misfits); keys it does not use are logged by
+    name. Returns the state dict to load (common.load_state, which also re-shards under FSDP)."""
+    stage = ck.get("stage")
+    if stage not in (None, 1):
+        raise KeyError(f"{source} is a stage-{stage} checkpoint; stage 1 starts from a stage-1 one")
+    raw = ck["model"] if stage == 1 else ck.get("module", ck.get("model", ck))
+    own = student.state_dict()
+    missing = [k for k in own if k not in raw]
+    bad = [f"{k}: {tuple(raw[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in raw and raw[k].shape != own[k].shape]
+    if missing or bad:
+        raise KeyError(f"{source} does not fit the stage-1 student: missing {key_names(missing)}; wrong shapes {bad[:5]}")
+    skipped = sorted(k for k in raw if k not in own)
+    log(f"student from {source}: all {len(own)} tensors; ignored {len(skipped)} keys: {key_names(skipped)}")
+    return {k: raw[k] for k in own}
 
 
 def bert_key_map(cfg: TextConfig):

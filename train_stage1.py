@@ -18,7 +18,7 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from checkpoints import TOYS
+from checkpoints import TOYS, stage1_student_state
 from common import (RunLog, WithLoss, barrier, build_optimizer, by_preset, check, compile_blocks, cosine_lr,
                     distribute, finish, load_checkpoint, load_state, model_state, optimizer_state, parse_config,
                     pick_dtype, print0, resume, run_summary, save_checkpoint, setup_runtime, shard, training_loop)
@@ -162,8 +162,9 @@ def main(argv=None):
     scaler = rt.make_scaler()
     step, ck = resume(out_dir, student, optimizer, scaler, rt) if cfg.resume else (0, None)
     if cfg.init_from and not cfg.resume:
-        load_state(student, None, load_checkpoint(cfg.init_from))
-        print0(f"initialised the student from {cfg.init_from}", rt=rt)
+        state = stage1_student_state(student, load_checkpoint(cfg.init_from), cfg.init_from,
+                                     log=lambda msg: print0(msg, rt=rt))
+        load_state(student, None, {"model": state})
     log = RunLog(out_dir, cfg, rt, resume=step > 0)
     print0(f"student {cfg.preset}:\n{param_table(student)}\nteachers: {cfg.clip_teacher} "
            f"{count_params(teachers.clip) / 1e6:.2f}M + {cfg.mae_teacher} {count_params(teachers.mae) / 1e6:.2f}M "

@@ -170,3 +170,27 @@ def test_probes_reach_metrics_json_by_name(toyworld, tmp_path):
         for kind in ("probe", "attn_probe"):
             assert 0 <= saved[f"{kind}_acc_{net}"] <= 1 and f"{kind}_{net}_direction" in saved, (kind, net)
     assert m["probe_chance"] == saved["probe_chance"]
+
+
+def test_init_from_the_released_pretraining_layout(toyworld, tmp_path):
+    """The released stage-1 module (official key names, decoders included), wrapped as DeepSpeed saves it:
+    it starts stage 1 (--init_from) and hands its encoder to stage 2, the table resized from 8 to 4 frames."""
+    from checkpoints import load_video_encoder, stage1_student_state
+    from model import Stage2Model, interpolate_pos_embed_time, text_preset
+    torch.manual_seed(3)
+    src = InternVideo2(vision_preset("toy"), with_heads=True)
+    torch.save({"module": {**src.state_dict(), "extra.step": torch.zeros(1)}}, tmp_path / "official.pth")
+    ck, logged = torch.load(tmp_path / "official.pth"), []
+    dst = InternVideo2(vision_preset("toy"), with_heads=True)
+    dst.load_state_dict(stage1_student_state(dst, ck, "official.pth", log=logged.append))
+    assert all(torch.equal(a, b) for a, b in zip(dst.state_dict().values(), src.state_dict().values()))
+    assert "ignored 1 keys: extra.step" in logged[0]
+    with pytest.raises(KeyError, match=r"missing mae_decoder\.\*\.norm\.weight"):
+        stage1_student_state(dst, {"model": {k: v for k, v in src.state_dict().items() if k != "mae_decoder.0.norm.weight"}})
+    with pytest.raises(KeyError, match="is a stage-2 checkpoint"):
+        stage1_student_state(dst, {"stage": 2, "model": {}})
+    main(_args(toyworld, tmp_path / "run", f"--init_from={tmp_path / 'official.pth'}", "--max_steps=1"))
+    s2 = Stage2Model(vision_preset("toy", num_frames=4), text_preset("toy", vocab_size=60), None, 96)
+    report = load_video_encoder(s2, ck, "official.pth", log=lambda m: None)
+    torch.testing.assert_close(s2.vision_encoder.pos_embed, interpolate_pos_embed_time(src.pos_embed, 8, 4))
+    assert "clip_decoder.0.head.weight" in report["skipped"] and "extra.step" in report["skipped"]
