@@ -5,8 +5,8 @@
   stage1_student_state  --init_from for stage 1: our stage-1 checkpoint or the released pre-training module
   bert_key_map / load_bert      Hugging Face / official BERT (`BertForMaskedLM`) into TextEncoder
   load_beats                    the official BEATs checkpoint ({'cfg', 'model'}) into AudioEncoder
-  load_official_stage2          a released InternVideo2 stage-2 file (video-text, `InternVideo2_Stage2_visual`)
-                                into a Stage2Model, the architecture read from the file's shapes
+  load_official_stage2          a released InternVideo2 stage-2 file (1B video-text, 6B audio-visual) into a
+                                Stage2Model, the architecture read from the file's shapes
   qformer_from_bert             a BERT of the same width into the Q-Former (VideoChat2's start)
   llm_key_map / load_llm        Hugging Face Mistral / LLaMA into LLM
 
@@ -16,7 +16,7 @@ own layouts load in teachers.py (load_teacher).
 import re
 from pathlib import Path
 
-from model import (TEXT_PRESETS, VISION_PRESETS, AudioEncoder, Stage2Model, TextConfig, audio_preset,
+from model import (AUDIO_PRESETS, TEXT_PRESETS, VISION_PRESETS, AudioEncoder, Stage2Model, TextConfig, audio_preset,
                    interpolate_pos_embed_time, text_preset, vision_preset)
 
 
@@ -153,11 +153,21 @@ def load_bert(text_encoder, state, prefix="", used=None):
     return fresh
 
 
-def load_beats(state_or_ckpt):
-    """Build an AudioEncoder from an official BEATs checkpoint ({'cfg': ..., 'model': state}) and
-    load it; missing or mis-shaped keys raise KeyError naming them."""
+def load_beats(state_or_ckpt, prefix="", base="beats-base"):
+    """Build an AudioEncoder from an official BEATs checkpoint ({'cfg': ..., 'model': state}) or from the keys under
+    `prefix` of another file (the 6B stage-2 checkpoint's `audio_encoder.`, which has no cfg: the `base` preset), and
+    load it; missing or mis-shaped keys raise KeyError naming them, and so does a cfg that asks for what AudioEncoder
+    does not build (pre-LN `layer_norm_first`, a patch-embedding `conv_bias`, another `activation_fn`): refused,
+    never half-loaded."""
     ck = state_or_ckpt
-    state, ocfg = ck.get("model", ck), ck.get("cfg", {})
+    state, ocfg = ck.get("model", ck), ck.get("cfg", {}) or {}
+    if prefix:
+        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    refused = [f"{k}={ocfg[k]!r}" for k, ours in (("layer_norm_first", False), ("conv_bias", False),
+                                                   ("activation_fn", "gelu")) if k in ocfg and ocfg[k] != ours]
+    if refused:
+        raise KeyError(f"the BEATs cfg asks for {', '.join(refused)}, which this AudioEncoder does not build "
+                       f"(post-LN deep-norm layers, no patch bias, GELU)")
     names = {"encoder_embed_dim": "dim", "encoder_layers": "depth", "encoder_attention_heads": "heads",
              "encoder_ffn_embed_dim": "mlp_dim", "embed_dim": "patch_dim", "input_patch_size": "patch",
              "conv_pos": "pos_conv", "conv_pos_groups": "pos_conv_groups", "deep_norm": "deep_norm",
@@ -165,7 +175,7 @@ def load_beats(state_or_ckpt):
     over = {ours: ocfg[theirs] for theirs, ours in names.items() if theirs in ocfg}
     if ocfg.get("relative_position_embedding") is False:
         over["num_buckets"] = 0
-    enc = AudioEncoder(audio_preset("beats-base", **over))
+    enc = AudioEncoder(audio_preset(base, **over))
     state = {k.replace("encoder.pos_conv.0.", "encoder.pos_conv.")
               .replace("encoder.layers.0.self_attn.relative_attention_bias", "encoder.relative_attention_bias"): v
              for k, v in state.items() if ".relative_attention_bias" not in k or "layers.0." in k}
@@ -228,13 +238,12 @@ def load_official_stage2(raw, log=print):
     19 text + 5 fusion layers). Keys it does not use (the stage-2 distillation heads `clip_decoder`,
     `final_clip_decoder`, `clip_pos_embed`, the image tables `img_pos_embed`, `clip_img_pos_embed`, BERT's
     `position_ids` and the MLM decoder tied to the word embeddings) are logged by name; a missing or mis-shaped
-    required tensor raises KeyError naming it. The audio-visual 6B layout (`audio_encoder.*`) is refused."""
+    required tensor raises KeyError naming it. The audio-visual 6B layout (MM/models/internvideo2_stage2_audiovisual.py)
+    adds BEATs under `audio_encoder.` (load_beats; its preset from width and depth) and the audio / fusion
+    projections (`audio_proj`, `av_concat_*_proj`, `av_fusion`, `avtm_head`), all required then."""
     state = raw.get("module", raw.get("model", raw)) if isinstance(raw, dict) else raw
     if not isinstance(state, dict) or "vision_encoder.patch_embed.proj.weight" not in state:
         raise KeyError("not an InternVideo2 stage-2 checkpoint: no vision_encoder.patch_embed.proj.weight")
-    if any(k.startswith("audio_encoder.") for k in state):
-        raise KeyError("the audio-visual stage-2 layout (audio_encoder.*, av_fusion) is not supported yet; "
-                       "this loader reads the video-text one (InternVideo2_Stage2_visual)")
     depth_of = lambda pattern: 1 + max(int(m.group(1)) for k in state for m in [re.match(pattern, k)] if m)
 
     # vision: width and depth -> preset; patch from the kernel; frames from the position table
@@ -265,7 +274,20 @@ def load_official_stage2(raw, log=print):
     if not tnames:
         raise KeyError(f"no text preset has width {tdim}, {tdepth} layers and cross-attention from layer {fusion}")
     tcfg = text_preset(tnames[0], vocab_size=vocab)
-    model = Stage2Model(vcfg, tcfg, None, state["vision_proj.weight"].shape[0])
+
+    # audio (the 6B audio-visual file): BEATs under audio_encoder., its preset from width and depth
+    audio, av_dim = None, 768
+    if any(k.startswith("audio_encoder.") for k in state):
+        adim = state["audio_encoder.post_extract_proj.weight"].shape[0]
+        adepth = depth_of(r"audio_encoder\.encoder\.layers\.(\d+)\.")
+        anames = [n for n, c in AUDIO_PRESETS.items() if (c.dim, c.depth) == (adim, adepth)]
+        if not anames:
+            raise KeyError(f"no audio preset has width {adim} and depth {adepth}")
+        audio = load_beats(state, prefix="audio_encoder.", base=anames[0])
+        av_dim = state["av_concat_vision_proj.0.weight"].shape[0]
+    model = Stage2Model(vcfg, tcfg, audio.cfg if audio else None, state["vision_proj.weight"].shape[0], av_dim)
+    if audio:
+        model.audio_encoder = audio
 
     # load: the encoder through the stage hand-off, BERT through its key map, then the heads
     report = load_video_encoder(model, {"model": state}, "the stage-2 file", log=lambda m: None)
@@ -273,15 +295,19 @@ def load_official_stage2(raw, log=print):
     fresh = load_bert(model.text_encoder, state, prefix="text_encoder.", used=used)
     if fresh:
         raise KeyError(f"the stage-2 file lacks BERT tensors: {key_names(fresh)}")
+    if audio:       # every audio_encoder.* key is read (layers > 0 repeat layer 0's shared position bias)
+        used |= {k for k in state if k.startswith("audio_encoder.")}
+    towers = ("vision_encoder.", "text_encoder.", "audio_encoder.")
     own = model.state_dict()
-    heads = {k: state[k] for k in own if not k.startswith(("vision_encoder.", "text_encoder.")) and k in state}
-    missing = [k for k in own if not k.startswith(("vision_encoder.", "text_encoder.")) and k not in state]
+    heads = {k: state[k] for k in own if not k.startswith(towers) and k in state}
+    missing = [k for k in own if not k.startswith(towers) and k not in state]
     bad = [k for k, v in heads.items() if v.shape != own[k].shape]
     if missing or bad:
         raise KeyError(f"the stage-2 file does not fit the heads: missing {missing}, wrong shapes {bad}")
     model.load_state_dict(heads, strict=False)
     used |= set(heads)
     skipped = sorted(k for k in state if k not in used)
-    log(f"official stage-2 checkpoint: vision {names[0]} at {vcfg.num_frames} frames, text {tnames[0]} "
+    log(f"official stage-2 checkpoint: vision {names[0]} at {vcfg.num_frames} frames, text {tnames[0]}"
+        f"{f', audio {anames[0]}' if audio else ''} "
         f"(vocabulary {vocab}); loaded {len(used)} tensors, none left fresh; ignored {len(skipped)}: {key_names(skipped)}")
     return model, {"loaded": sorted(used), "skipped": skipped}

@@ -141,18 +141,24 @@ def test_bert_large_parameter_count_on_meta():
     assert len(enc.layers) == 24 and sum(hasattr(l, "cross") for l in enc.layers) == 5
 
 
+def _beats_official(encoder):
+    """An AudioEncoder's state under the official BEATs names (MM/models/backbones/beats/backbone.py)."""
+    official = {}
+    for k, v in encoder.state_dict().items():
+        k = k.replace("encoder.pos_conv.", "encoder.pos_conv.0.")
+        if k == "encoder.relative_attention_bias.weight":
+            for i in range(encoder.cfg.depth):                  # every layer carries the shared table
+                official[f"encoder.layers.{i}.self_attn.relative_attention_bias.weight"] = v
+            continue
+        official[k] = v
+    return official
+
+
 def test_beats_loads_from_the_official_layout():
     torch.manual_seed(0)
     cfg = audio_preset("toy")
     src = AudioEncoder(cfg).eval()
-    official = {}
-    for k, v in src.state_dict().items():
-        k = k.replace("encoder.pos_conv.", "encoder.pos_conv.0.")
-        if k == "encoder.relative_attention_bias.weight":
-            for i in range(cfg.depth):                          # every layer carries the shared table
-                official[f"encoder.layers.{i}.self_attn.relative_attention_bias.weight"] = v
-            continue
-        official[k] = v
+    official = _beats_official(src)
     ck = {"cfg": {"encoder_embed_dim": cfg.dim, "encoder_layers": cfg.depth, "encoder_attention_heads": cfg.heads,
                   "encoder_ffn_embed_dim": cfg.mlp_dim, "embed_dim": cfg.patch_dim, "conv_pos": cfg.pos_conv,
                   "conv_pos_groups": cfg.pos_conv_groups, "num_buckets": cfg.num_buckets,
@@ -162,6 +168,13 @@ def test_beats_loads_from_the_official_layout():
     out = loaded(fbank)
     assert out.shape == (2, 24, cfg.dim)
     torch.testing.assert_close(out, src(fbank))
+    # inside the 6B stage-2 file: under audio_encoder., no cfg (the base preset's shapes)
+    inside = load_beats({f"audio_encoder.{k}": v for k, v in official.items()}, prefix="audio_encoder.", base="toy")
+    torch.testing.assert_close(inside.eval()(fbank), src(fbank))
+    # a cfg asking for what AudioEncoder does not build is refused by name, never half-loaded
+    for key, value in (("layer_norm_first", True), ("conv_bias", True), ("activation_fn", "relu")):
+        with pytest.raises(KeyError, match=f"{key}={value!r}"):
+            load_beats({**ck, "cfg": {**ck["cfg"], key: value}})
     del official["encoder.layers.1.fc1.weight"]
     with pytest.raises(KeyError, match="encoder.layers.1.fc1.weight"):
         load_beats(ck)
@@ -383,7 +396,32 @@ def test_official_stage2_layout_loads_by_its_shapes_and_evaluates(toyworld, tmp_
         load_official_stage2(wide)
     with pytest.raises(KeyError, match="itm_head.weight"):
         load_official_stage2({k: v for k, v in state.items() if k != "itm_head.weight"})
-    with pytest.raises(KeyError, match="audio-visual"):
+    with pytest.raises(KeyError, match="post_extract_proj"):
         load_official_stage2({**state, "audio_encoder.patch_embedding.weight": torch.zeros(1)})
     with pytest.raises(SystemExit, match="needs --vocab"):
         evaluate.main([f"--ckpt={tmp_path / 'official.pth'}", f"--data={toyworld}"])
+
+
+def test_official_audio_visual_stage2_layout_loads_by_its_shapes():
+    """The 6B audio-visual layout (MM/models/internvideo2_stage2_audiovisual.py): BEATs under audio_encoder. (no cfg)
+    and the audio / fusion projections, here at toy sizes."""
+    from checkpoints import load_official_stage2
+    torch.manual_seed(1)
+    src = Stage2Model(vision_preset("toy", num_frames=4), text_preset("toy", vocab_size=60), audio_preset("toy"),
+                      96, 96).eval()
+    key_map = bert_key_map(src.text_encoder.cfg)
+    state = {f"vision_encoder.{k}": v for k, v in src.vision_encoder.state_dict().items()}
+    state.update({f"text_encoder.{key_map[k]}": v for k, v in src.text_encoder.state_dict().items()})
+    state.update({f"audio_encoder.{k}": v for k, v in _beats_official(src.audio_encoder).items()})
+    state.update({k: v for k, v in src.state_dict().items()
+                  if not k.startswith(("vision_encoder.", "text_encoder.", "audio_encoder."))})
+    assert {"av_fusion.weight", "avtm_head.weight", "av_concat_audio_proj.1.weight", "audio_proj.weight"} <= set(state)
+    model, report = load_official_stage2({"module": state}, log=lambda m: None)
+    assert report["skipped"] == [] and model.has_audio
+    model.eval()
+    fbank, video = torch.randn(2, 96, 64), torch.randn(2, 3, 4, 32, 32)
+    with torch.no_grad():
+        for a, b in zip(model.encode_audio(fbank) + model.encode_video(video), src.encode_audio(fbank) + src.encode_video(video)):
+            torch.testing.assert_close(a, b)
+    with pytest.raises(KeyError, match="av_fusion.weight"):
+        load_official_stage2({k: v for k, v in state.items() if k != "av_fusion.weight"})
