@@ -25,6 +25,12 @@ from model import (AUDIO_PRESETS, TEXT_PRESETS, VISION_PRESETS, AudioEncoder, St
 TOYS = Path(__file__).resolve().parent / "toys"
 
 
+def released_state(ck):
+    """The state dict inside a released file: flat, or wrapped by DeepSpeed in `module` or by the official savers
+    in `model` (teachers, stage-1 and stage-2 checkpoints alike)."""
+    return ck.get("module", ck.get("model", ck)) if isinstance(ck, dict) else ck
+
+
 def key_names(keys):
     """Keys with their block indices folded, for one-line reports: 'blocks.*.attn.qkv.weight (x40)'."""
     groups = {}
@@ -44,7 +50,7 @@ def load_video_encoder(model, ck, source="checkpoint", log=print):
     enc = model.vision_encoder
     own = enc.state_dict()
     stage = ck.get("stage")
-    raw = ck["model"] if stage else ck.get("module", ck.get("model", ck))      # released files: flat or wrapped
+    raw = ck["model"] if stage else released_state(ck)
     prefix = "" if stage == 1 or (not stage and "patch_embed.proj.weight" in raw) else "vision_encoder."
     state = {k[len(prefix):]: v for k, v in raw.items() if k.startswith(prefix)}
     mc = ck.get("model_config", {})
@@ -67,7 +73,8 @@ def load_video_encoder(model, ck, source="checkpoint", log=print):
     fresh = sorted(k for k in model.state_dict() if not k.startswith("vision_encoder."))
     part = lambda k: k.split(".")[0] + (".*" if "." in k else "")                     # other networks: by part
     names = [k if k.startswith(prefix) else part(k) for k in skipped]
-    log(f"{f'stage-{stage}' if stage else 'released'} hand-off from {source}: loaded all {len(own)} video-encoder tensors (pos_embed {t_old} -> "
+    kind = f"stage-{stage}" if stage else "released"
+    log(f"{kind} hand-off from {source}: loaded all {len(own)} video-encoder tensors (pos_embed {t_old} -> "
         f"{t_new} frames); skipped {len(skipped)} keys: {key_names(names)}; not from this checkpoint: "
         f"{key_names(part(k) for k in fresh)}")
     return {"loaded": sorted(own), "skipped": skipped, "fresh": fresh}
@@ -81,7 +88,7 @@ def stage1_student_state(student, ck, source="checkpoint", log=print):
     stage = ck.get("stage")
     if stage not in (None, 1):
         raise KeyError(f"{source} is a stage-{stage} checkpoint; stage 1 starts from a stage-1 one")
-    raw = ck["model"] if stage == 1 else ck.get("module", ck.get("model", ck))
+    raw = ck["model"] if stage == 1 else released_state(ck)
     own = student.state_dict()
     missing = [k for k in own if k not in raw]
     bad = [f"{k}: {tuple(raw[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in raw and raw[k].shape != own[k].shape]
@@ -125,9 +132,10 @@ def bert_key_map(cfg: TextConfig):
 
 def load_bert(text_encoder, state, prefix="", used=None):
     """Load an official/Hugging Face BERT state dict (keys after `prefix`) through bert_key_map, with or
-    without the `bert.` prefix and with the legacy `LayerNorm.gamma`/`.beta` names. Shapes must match (KeyError naming each mismatch). Returns the list of our keys the checkpoint
-    did not have (the new cross-attention when loading a plain BERT), so callers can report them; `used`
-    (a set) collects the checkpoint keys it read."""
+    without the `bert.` prefix and with the legacy `LayerNorm.gamma`/`.beta` names. Shapes must match
+    (KeyError naming each mismatch). Returns the list of our keys the checkpoint did not have (the new
+    cross-attention when loading a plain BERT), so callers can report them; `used` (a set) collects the
+    checkpoint keys it read."""
     own = text_encoder.state_dict()
     fresh, bad, new = [], [], {}
     for ours, theirs in bert_key_map(text_encoder.cfg).items():
@@ -241,7 +249,7 @@ def load_official_stage2(raw, log=print):
     required tensor raises KeyError naming it. The audio-visual 6B layout (MM/models/internvideo2_stage2_audiovisual.py)
     adds BEATs under `audio_encoder.` (load_beats; its preset from width and depth) and the audio / fusion
     projections (`audio_proj`, `av_concat_*_proj`, `av_fusion`, `avtm_head`), all required then."""
-    state = raw.get("module", raw.get("model", raw)) if isinstance(raw, dict) else raw
+    state = released_state(raw)
     if not isinstance(state, dict) or "vision_encoder.patch_embed.proj.weight" not in state:
         raise KeyError("not an InternVideo2 stage-2 checkpoint: no vision_encoder.patch_embed.proj.weight")
     depth_of = lambda pattern: 1 + max(int(m.group(1)) for k in state for m in [re.match(pattern, k)] if m)

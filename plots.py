@@ -172,12 +172,11 @@ def matrix_figure(m, rows=None, cols=None, title="", marks=None, cmap="viridis",
         ax.set_yticks(range(R), rows, fontsize=6)
     if cols is not None:
         ax.set_xticks(range(C), cols, fontsize=6, rotation=90)
-    for i, (name, points) in enumerate((marks or {}).items()):
+    for i, (name, points) in enumerate((marks or {}).items()):     # white symbols: o, x, + in turn
         if points:
             r, c = zip(*points)
-            ax.scatter(c, r, marker="ox+"[i % 3], s=40, facecolors="none" if i % 3 == 0 else None,
-                       edgecolors="white" if i % 3 == 0 else None, color=None if i % 3 == 0 else "white",
-                       label=name)
+            ax.scatter(c, r, s=40, label=name, **[dict(marker="o", facecolors="none", edgecolors="white"),
+                                                   dict(marker="x", color="white"), dict(marker="+", color="white")][i % 3])
     if marks:
         ax.legend(fontsize=7, loc="upper right")
     ax.set_title(title, fontsize=9)

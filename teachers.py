@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from checkpoints import key_names
+from checkpoints import key_names, released_state
 from model import (AttentionPool, Block, PatchEmbed, VisionConfig, count_params, patch_index, preset, sincos_2d,
                    sinusoid_table, tube_mask)
 
@@ -193,7 +193,7 @@ def load_teacher(kind, preset, path, **overrides):
     if not path.exists():
         raise FileNotFoundError(f"{kind} teacher checkpoint {path} does not exist")
     raw = torch.load(path, map_location="cpu", weights_only=True)
-    state = raw.get("module", raw.get("model", raw)) if isinstance(raw, dict) else raw
+    state = released_state(raw)
     if kind == "mae" and any(k.startswith("encoder.") for k in state):
         state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
     own = net.state_dict()

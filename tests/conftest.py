@@ -58,3 +58,11 @@ def save_result(obj, out):
     """Write a rank's result atomically (complete before any exit-time trouble)."""
     torch.save(obj, out + ".tmp")
     os.replace(out + ".tmp", out)
+
+
+def assert_picture(path, min_size=(200, 150)):
+    """A real picture: a PNG file of at least min_size pixels with something drawn (more than one colour)."""
+    from PIL import Image
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.size[0] >= min_size[0] and im.size[1] >= min_size[1], (path, im.size)
+        assert len(im.convert("RGB").getcolors(maxcolors=1 << 20) or [0, 0]) > 1, f"{path} is blank"

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from common import ConfigError, Runtime, WithLoss, distribute, model_state, shard, train_step
-from conftest import run_two_ranks, save_result
+from conftest import assert_picture, run_two_ranks, save_result
 from data import VideoTextDataset, train_loader
 from model import InternVideo2, vision_preset
 from teachers import build_teachers
@@ -48,6 +48,8 @@ def test_short_run_lowers_the_loss(toyworld, tmp_path):
     log = (tmp_path / "log.txt").read_text()
     assert "# git" in log and "step 30/30" in log and json.loads((tmp_path / "metrics.json").read_text())["steps"] == 30
     assert all((tmp_path / f).stat().st_size > 1000 for f in ("loss.png", "masks.png"))     # pictures beside them
+    for f in ("loss.png", "masks.png"):
+        assert_picture(tmp_path / f)
 
 
 def test_training_runs_without_matplotlib(toyworld, tmp_path, monkeypatch, capsys):

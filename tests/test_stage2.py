@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import assert_picture
 from data import DataError, WordPieceTokenizer, kaldi_fbank, load_fbank, resample
 from losses import captioning_loss, hard_negatives, mask_tokens, matching_loss
 from checkpoints import bert_key_map, load_beats, load_bert
@@ -290,6 +291,8 @@ def test_short_run_lowers_every_loss_term_and_evaluates(toyworld, toy_pretrained
                 "t2v_r1_chance", "t2a_r1_chance", "t2av_r1_chance", "zeroshot_cls_chance"):
         assert 0.0 <= m[key] <= 1.0, key
     assert all((tmp_path / f).stat().st_size > 1000 for f in ("loss.png", "similarity.png"))
+    for f in ("loss.png", "similarity.png"):
+        assert_picture(tmp_path / f)
     # the evaluation command on that checkpoint: ToyWorld (audio, motion classes), then a folder of your own
     import evaluate
     out = evaluate.main([f"--ckpt={tmp_path / 'ckpt.pt'}", f"--data={toyworld}", "--rerank_k=8"])
@@ -390,7 +393,7 @@ def test_official_stage2_layout_loads_by_its_shapes_and_evaluates(toyworld, tmp_
     out = evaluate.main([f"--ckpt={tmp_path / 'official.pth'}", f"--data={toyworld}", f"--vocab={toyworld / 'vocab.txt'}",
                          "--rerank_k=4", f"--out={tmp_path / 'eval.json'}"])
     assert 0.0 <= out["t2v_r1_rerank"] <= 1.0 and out["num_frames"] == 4
-    # refused by name: no preset of that shape, a missing tensor, the audio-visual layout, no --vocab
+    # refused by name: no preset of that shape, a missing tensor, an audio encoder without its tensors, no --vocab
     wide = {**state, "vision_encoder.patch_embed.proj.weight": torch.zeros(80, 3, 1, 8, 8)}
     with pytest.raises(KeyError, match="no vision preset has width 80 and depth 4"):
         load_official_stage2(wide)

@@ -6,6 +6,7 @@ from dataclasses import asdict, replace
 import pytest
 import torch
 
+from conftest import assert_picture
 from data import ToyLLMTokenizer, WordPieceTokenizer, build_chat, video_index
 from losses import answer_loss
 from model import (LLM, LLM_PRESETS, LLMAttention, QFORMER_PRESETS, LoRALinear, Stage2Model, Stage3Model, add_lora,
@@ -166,6 +167,7 @@ def test_short_run_lowers_the_loss_and_chat_answers(toyworld, toy_pretrained, tm
     for key in ("qa_acc", "qa_chance", "caption_acc", "caption_chance", "qa_acc_color", "qa_chance_color"):
         assert 0.0 <= m[key] <= 1.0, key
     assert (tmp_path / "loss.png").stat().st_size > 1000
+    assert_picture(tmp_path / "loss.png")
     # every sub-stage has its own random stream: sub-stage 3 alone from sub-stage 2's checkpoint = the same run
     alone = main([f"--data={toyworld}", f"--out_dir={tmp_path / 'alone'}", f"--qformer_bert={toy_pretrained['bert']}",
                   f"--llm_ckpt={toy_pretrained['llm']}", "--steps=(15,15,15)", "--frames=(2,2,4)", "--max_llm_len=64",
