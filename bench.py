@@ -10,6 +10,7 @@ how many clips/s the DataLoader decodes and augments per worker.
     python bench.py --stage=2 --preset=toy
     python bench.py --stage=1 --preset=1B --clip_teacher=internvit-6b --mae_teacher=videomae-g \\
         --batch_size=16 --compile                     # the official stage-1 recipe, one GPU
+    python bench.py --stage=1 ... --teacher_dtype=float8   # the same with FP8 teachers, + their fidelity vs bf16
     python bench.py --stage=2 --preset=1B --text=bert-large --batch_size=128 --compile
     python bench.py --stage=3 --preset=1B --qformer=base --llm=mistral-7b --batch_size=8 --compile
     python bench.py --stage=loader --data=data/toyworld --workers=0,1,2
@@ -24,6 +25,11 @@ the spec sheet; None on unknown devices and on CPUs). `mfu_matmul` divides by th
 throughput measured on the device instead (a large square matmul), which is what the anchors in
 README use (800 TFLOP/s on an H100). Each part's time comes from CUDA events recorded around it
 inside the real step (no extra synchronisation), or from the wall clock on a CPU.
+
+Stage 1 with `--teacher_dtype=float8` (or float8_tensor) first runs the teachers and the objective on the fixed
+batch in --frozen_dtype, converts the teachers' Linears to e4m3 (teachers.float8_teachers), runs them again, and
+reports the targets' cosine similarity (mean over tokens) and the loss's relative change; then times the FP8 step.
+MFU stays relative to the bf16 peak.
 
 `--out=FILE` appends one JSON line per run (scripts/gpu_check.sh collects them into the README
 table).
@@ -41,7 +47,7 @@ from types import SimpleNamespace
 
 import torch
 
-from common import (WithLoss, build_optimizer, check, compile_blocks, device_name, parse_config, setup_runtime,
+from common import (cli, WithLoss, build_optimizer, check, compile_blocks, device_name, parse_config, setup_runtime,
                     store_frozen, train_step)
 
 # Dense (no sparsity) bf16 tensor-core peak, FLOP/s, from the vendors' spec sheets. The first key that
@@ -73,6 +79,7 @@ class BenchConfig:
     compile: bool = False           # regional torch.compile (common.compile_blocks)
     grad_ckpt_blocks: int = 0       # activation checkpointing for the first N vision blocks
     frozen_dtype: str = "auto"      # teachers / frozen LLM storage: auto (bf16 under bf16 autocast) | float32
+    teacher_dtype: str = "auto"     # stage 1: auto (= frozen_dtype) | float8 | float8_tensor (e4m3 Linears; fidelity)
     device: str = "auto"            # auto | cpu | cuda
     dtype: str = "auto"             # auto (CUDA bf16, else fp32) | float32 | bfloat16
     count_flops: bool = True        # count FLOPs on one eager step (MFU)
@@ -89,6 +96,9 @@ class BenchConfig:
         check(self.substage in (1, 2, 3), "--substage must be 1, 2 or 3")
         check(self.batch_size > 0 and self.steps > 0 and self.warmup >= 0, "--batch_size, --steps must be > 0")
         check(self.frozen_dtype in ("auto", "float32"), "--frozen_dtype must be auto or float32")
+        check(self.teacher_dtype in ("auto", "float8", "float8_tensor"),
+              f"--teacher_dtype must be auto, float8 or float8_tensor, got {self.teacher_dtype!r}")
+        check(self.teacher_dtype == "auto" or self.stage == "1", "--teacher_dtype is a stage-1 option")
         if not self.num_frames:
             self.num_frames = {"1": 8, "2": 4, "3": 8, "loader": 8}[self.stage]
 
@@ -199,7 +209,34 @@ def build_stage1(cfg, rt, parts):
         return {"video": torch.randn(B, 3, 2 * cfg.num_frames, S, S, device=rt.device),
                 "mask_noise": torch.rand(B, T, Np, device=rt.device)}
     flops_of = {"teachers forward": lambda b: teachers(b["video"])}
-    return model, optimizer, batch, flops_of, {"student": student}, [student, teachers.clip, teachers.mae]
+    extra = {} if cfg.teacher_dtype == "auto" else float8_fidelity(cfg, rt, student, teachers, batch(cfg.batch_size))
+    return model, optimizer, batch, flops_of, {"student": student}, [student, teachers.clip, teachers.mae], extra
+
+
+def float8_fidelity(cfg, rt, student, teachers, batch):
+    """What FP8 teachers change, on one fixed batch, then converts them in place (teachers.float8_teachers): per
+    target, the mean over tokens (layers, clips) of the cosine similarity between the FP8 teachers' targets and the
+    same teachers' in --frozen_dtype (bf16 on CUDA, fp32 on a CPU), and the stage-1 loss of the same student (eval
+    mode: no drop path) on the same batch and mask noise with each (attention masking follows each one's attn)."""
+    import torch.nn.functional as F
+    from losses import stage1_objective
+    from teachers import float8_teachers
+
+    def run():
+        mode = student.training
+        with torch.no_grad(), rt.autocast():
+            student.eval()
+            loss = stage1_objective(student, teachers, batch, mask_ratio=cfg.mask_ratio)[0].item()
+            target = teachers(batch["video"])
+        student.train(mode)
+        return target, loss
+    ref, ref_loss = run()
+    line = float8_teachers(teachers, per_token=cfg.teacher_dtype == "float8")
+    out, loss = run()
+    cos = {k: F.cosine_similarity(out[k].float(), ref[k].float(), dim=-1).mean().item()
+           for k in ("clip", "clip_final", "mae")}
+    return {"float8": line, "fp8_target_cos": cos, "fp8_loss": loss, "ref_loss": ref_loss,
+            "fp8_loss_rel_diff": (loss - ref_loss) / ref_loss}
 
 
 def build_stage2(cfg, rt, parts):
@@ -230,7 +267,7 @@ def build_stage2(cfg, rt, parts):
         if acfg:
             out["fbank"] = torch.randn(B, acfg.frames, acfg.mel_bins, device=dev)
         return out
-    return wrapped, optimizer, batch, {}, {"model": model}, [model]
+    return wrapped, optimizer, batch, {}, {"model": model}, [model], {}
 
 
 def build_stage3(cfg, rt, parts):
@@ -261,7 +298,7 @@ def build_stage3(cfg, rt, parts):
         return {"video": torch.randn(B, 3, cfg.num_frames, S, S, device=dev), "llm_ids": ids, "llm_labels": labels,
                 "llm_mask": torch.ones_like(ids), "qf_ids": t_ids, "qf_mask": t_mask, "ids_caption": t_ids,
                 "mask_caption": t_mask, "pos_caption": torch.arange(B, device=dev)}
-    return wrapped, optimizer, batch, {}, {"model": model}, [model]
+    return wrapped, optimizer, batch, {}, {"model": model}, [model], {}
 
 
 def frozen_dtype(cfg, rt):
@@ -276,7 +313,7 @@ def bench_stage(cfg):
     parts = Parts(rt.device)
     build = {"1": build_stage1, "2": build_stage2, "3": build_stage3}[cfg.stage]
     t0 = time.perf_counter()
-    model, optimizer, make_batch, part_flops, nets, compiled = build(cfg, rt, parts)
+    model, optimizer, make_batch, part_flops, nets, compiled, extra = build(cfg, rt, parts)
     n_params = {k: sum(p.numel() for p in v.parameters()) for k, v in nets.items()}
     n_train = sum(p.numel() for v in nets.values() for p in v.parameters() if p.requires_grad)
     optimizer.step = parts.wrap(optimizer.step, "optimizer")
@@ -347,6 +384,7 @@ def bench_stage(cfg):
         "peak_mem_gib": (torch.cuda.max_memory_allocated() / 2 ** 30 if rt.device.type == "cuda"
                          else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20),
         "loss_finite": all(math.isfinite(x) for x in losses), "build_s": build_s, "warmup_s": warm_s,
+        "teacher_dtype": cfg.teacher_dtype, **extra,
     }
     if sub_flops:
         res["tflops_per_clip_parts"] = {k: v / cfg.batch_size / 1e12 for k, v in sub_flops.items()}
@@ -407,7 +445,14 @@ def report(res):
             f"compile {res['compile']}): {res['step_s'] * 1000:.0f} ms/step, {res['clips_per_s']:.1f} clips/s, "
             f"{fmt(gflops, '.1f')} GFLOP/clip, MFU {fmt(res['mfu'], '.1%')} "
             f"(of measured matmul peak {fmt(res['mfu_matmul'], '.1%')}), peak mem {res['peak_mem_gib']:.1f} GiB\n"
-            f"  parts: {parts}")
+            f"  parts: {parts}" + (fidelity_line(res) if "fp8_target_cos" in res else ""))
+
+
+def fidelity_line(res):
+    cos = ", ".join(f"{k} {v:.6f}" for k, v in res["fp8_target_cos"].items())
+    return (f"\n  {res['float8']}\n  FP8 vs {res['frozen_dtype']} teachers, fixed batch: target cosine (mean over "
+            f"tokens) {cos}; stage-1 loss {res['fp8_loss']:.6f} vs {res['ref_loss']:.6f} "
+            f"({res['fp8_loss_rel_diff']:+.2e} relative)")
 
 
 def main(argv=None):
@@ -421,4 +466,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -7,8 +7,11 @@
   load_beats                    the official BEATs checkpoint ({'cfg', 'model'}) into AudioEncoder
   load_official_stage2          a released InternVideo2 stage-2 file (1B video-text, 6B audio-visual) into a
                                 Stage2Model, the architecture read from the file's shapes
-  qformer_from_bert             a BERT of the same width into the Q-Former (VideoChat2's start)
+  qformer_key_map / qformer_from_bert   the BLIP-2 Q-Former's names; a BERT of the same width into the Q-Former
+                                (VideoChat2's start)
   llm_key_map / load_llm        Hugging Face Mistral / LLaMA into LLM
+  load_videochat2               a released VideoChat2 / InternVideo2-Chat stage-3 file (Q-Former, queries,
+                                projection, LoRA) into a Stage3Model
 
 model.py holds the networks; this file holds how other people's files map onto them. The teachers'
 own layouts load in teachers.py (load_teacher).
@@ -16,6 +19,7 @@ own layouts load in teachers.py (load_teacher).
 import re
 from pathlib import Path
 
+from common import CheckpointError, ConfigError
 from model import (AUDIO_PRESETS, TEXT_PRESETS, VISION_PRESETS, AudioEncoder, Stage2Model, TextConfig, audio_preset,
                    interpolate_pos_embed_time, text_preset, vision_preset)
 
@@ -29,6 +33,42 @@ def released_state(ck):
     """The state dict inside a released file: flat, or wrapped by DeepSpeed in `module` or by the official savers
     in `model` (teachers, stage-1 and stage-2 checkpoints alike)."""
     return ck.get("module", ck.get("model", ck)) if isinstance(ck, dict) else ck
+
+
+def checkpoint_kind(ck):
+    """What a loaded file is, in words, from its own keys: 'stage-N checkpoint' (ours), 'released stage-1 module',
+    'released stage-2 file', 'VideoChat2 / InternVideo2-Chat file', 'teacher', 'BERT', 'BEATs', 'LLM', or 'unknown'."""
+    if not isinstance(ck, dict):
+        return "unknown"
+    if ck.get("stage") in (1, 2, 3):
+        return f"stage-{ck['stage']} checkpoint"
+    if "cfg" in ck and "model" in ck and any(k.startswith("post_extract_proj") for k in ck["model"]):
+        return "BEATs"
+    state = released_state(ck)
+    if not isinstance(state, dict) or not state:
+        return "unknown"
+    has = lambda *names: any(k.startswith(names) for k in state)
+    if "query_tokens" in state and has("qformer."):
+        return "VideoChat2 / InternVideo2-Chat file"
+    if has("vision_encoder.") and has("text_encoder."):
+        return "released stage-2 file"
+    if "patch_embed.proj.weight" in state and has("clip_decoder.", "final_clip_decoder.", "mae_decoder."):
+        return "released stage-1 module"
+    if "patch_embed.proj.weight" in state or has("encoder.patch_embed."):
+        return "teacher"
+    if has("bert.embeddings.", "embeddings.word_embeddings."):
+        return "BERT"
+    if has("model.embed_tokens."):
+        return "LLM"
+    return "unknown"
+
+
+def check_init_from(ck, path, accepted, stage):
+    """Refuse, in one line, an --init_from file of a kind this stage does not start from (ConfigError)."""
+    kind = checkpoint_kind(ck)
+    if kind not in accepted:
+        raise ConfigError(f"--init_from={path} is a {kind}; stage {stage} starts from a " + " or a ".join(accepted))
+    return kind
 
 
 def key_names(keys):
@@ -67,7 +107,7 @@ def load_video_encoder(model, ck, source="checkpoint", log=print):
     bad = [f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in state
            and state[k].shape != own[k].shape]
     if missing or bad:
-        raise KeyError(f"{source} does not fit the video encoder: missing {missing[:10]}, wrong shapes {bad[:10]}")
+        raise CheckpointError(f"{source} does not fit the video encoder: missing {missing[:10]}, wrong shapes {bad[:10]}")
     enc.load_state_dict({k: state[k] for k in own})
     skipped = sorted(k for k in raw if not k.startswith(prefix) or k[len(prefix):] not in own)
     fresh = sorted(k for k in model.state_dict() if not k.startswith("vision_encoder."))
@@ -87,13 +127,13 @@ def stage1_student_state(student, ck, source="checkpoint", log=print):
     name. Returns the state dict to load (common.load_state, which also re-shards under FSDP)."""
     stage = ck.get("stage")
     if stage not in (None, 1):
-        raise KeyError(f"{source} is a stage-{stage} checkpoint; stage 1 starts from a stage-1 one")
+        raise CheckpointError(f"{source} is a stage-{stage} checkpoint; stage 1 starts from a stage-1 one")
     raw = ck["model"] if stage == 1 else released_state(ck)
     own = student.state_dict()
     missing = [k for k in own if k not in raw]
     bad = [f"{k}: {tuple(raw[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in raw and raw[k].shape != own[k].shape]
     if missing or bad:
-        raise KeyError(f"{source} does not fit the stage-1 student: missing {key_names(missing)}; wrong shapes {bad[:5]}")
+        raise CheckpointError(f"{source} does not fit the stage-1 student: missing {key_names(missing)}; wrong shapes {bad[:5]}")
     skipped = sorted(k for k in raw if k not in own)
     log(f"student from {source}: all {len(own)} tensors; ignored {len(skipped)} keys: {key_names(skipped)}")
     return {k: raw[k] for k in own}
@@ -156,7 +196,7 @@ def load_bert(text_encoder, state, prefix="", used=None):
         else:
             new[ours] = src
     if bad:
-        raise KeyError(f"BERT checkpoint does not fit: {bad[:10]}")
+        raise CheckpointError(f"BERT checkpoint does not fit: {bad[:10]}")
     text_encoder.load_state_dict(new, strict=False)
     return fresh
 
@@ -174,7 +214,7 @@ def load_beats(state_or_ckpt, prefix="", base="beats-base"):
     refused = [f"{k}={ocfg[k]!r}" for k, ours in (("layer_norm_first", False), ("conv_bias", False),
                                                    ("activation_fn", "gelu")) if k in ocfg and ocfg[k] != ours]
     if refused:
-        raise KeyError(f"the BEATs cfg asks for {', '.join(refused)}, which this AudioEncoder does not build "
+        raise CheckpointError(f"the BEATs cfg asks for {', '.join(refused)}, which this AudioEncoder does not build "
                        f"(post-LN deep-norm layers, no patch bias, GELU)")
     names = {"encoder_embed_dim": "dim", "encoder_layers": "depth", "encoder_attention_heads": "heads",
              "encoder_ffn_embed_dim": "mlp_dim", "embed_dim": "patch_dim", "input_patch_size": "patch",
@@ -191,30 +231,50 @@ def load_beats(state_or_ckpt, prefix="", base="beats-base"):
     missing = [k for k in own if k not in state]
     bad = [k for k in own if k in state and state[k].shape != own[k].shape]
     if missing or bad:
-        raise KeyError(f"BEATs checkpoint does not fit: missing {missing[:10]}, wrong shapes {bad[:10]}")
+        raise CheckpointError(f"BEATs checkpoint does not fit: missing {missing[:10]}, wrong shapes {bad[:10]}")
     enc.load_state_dict({k: state[k] for k in own})
     return enc
 
 
-def qformer_from_bert(qformer, hf_state):
+def qformer_key_map(cfg):
+    """{our Q-Former key: official key} in the BLIP-2 Q-Former's names (VC2/models/blip2/Qformer.py:52-66, 397-421;
+    `BertLMHeadModel` under `bert.`): embeddings, per layer self-attention, cross-attention (layers 0, 2, ...), the
+    text FFN (`intermediate`, `output`) and the query FFN (`intermediate_query`, `output_query`), and the MLM head
+    (`cls.`, which VideoChat2 deletes). The queries live outside the Q-Former there (`query_tokens`, `extra_query_tokens`)."""
+    text = bert_key_map(text_preset("bert-base", depth=cfg.depth, fusion_layer=0))   # cross-attention in every layer
+    m = {}
+    for ours, theirs in text.items():
+        if ours == "type_emb.weight" or ".cross" in ours and int(ours.split(".")[1]) % cfg.cross_every:
+            continue                                           # BLIP-2's embeddings have no token types
+        m[ours.replace("mlm_", "lm_")] = theirs
+        if ours.startswith("layers.") and (".fc" in ours or "ffn_norm" in ours):
+            parts = ours.split(".")                            # layers.i.fc1.weight -> layers.i.fc1_q.weight
+            m[".".join(parts[:2] + [parts[2] + "_q"] + parts[3:])] = (
+                theirs.replace(".intermediate.", ".intermediate_query.").replace(".output.", ".output_query."))
+    return m
+
+
+def qformer_from_bert(qformer, hf_state, log=print):
     """Initialise the Q-Former from a BERT state dict of the same width (Hugging Face names), as
-    VideoChat2 starts from bert-base-uncased: embeddings, self-attention, FFN (copied to the query FFN
-    too) and the MLM head of layer i go to Q-Former layer i; cross-attention and queries stay fresh.
-    Returns the Q-Former keys left fresh."""
-    key_map = bert_key_map(text_preset("bert-base", depth=qformer.cfg.depth, fusion_layer=qformer.cfg.depth))
-    own, new = qformer.state_dict(), {}
-    for k, v in ((ours, hf_state[theirs]) for ours, theirs in key_map.items() if theirs in hf_state):
-        if ".cross" in k:
+    VideoChat2 starts from bert-base-uncased (VC2/models/blip2/blip2.py:53-67): embeddings, self-attention, FFN
+    (copied to the query FFN too: BERT has one) and the MLM head of layer i go to Q-Former layer i; cross-attention
+    and queries stay fresh. Logs the keys it ignores; returns the Q-Former keys left fresh."""
+    own, new, used = qformer.state_dict(), {}, set()
+    for ours, theirs in qformer_key_map(qformer.cfg).items():
+        theirs = theirs.replace("_query.", ".")               # a plain BERT: the query FFN starts as the text FFN
+        if ".cross" in ours or theirs not in hf_state:
             continue
-        targets = [k.replace("mlm_", "lm_")]
-        if k.startswith("layers.") and (".fc" in k or "ffn_norm" in k):
-            parts = k.split(".")
-            targets.append(".".join(parts[:2] + [parts[2] + "_q"] + parts[3:]))
-        for t in targets:
-            if t in own and own[t].shape == v.shape:
-                new[t] = v
+        if hf_state[theirs].shape != own[ours].shape:
+            raise CheckpointError(f"BERT file does not fit the Q-Former: {theirs} {tuple(hf_state[theirs].shape)} "
+                           f"vs {tuple(own[ours].shape)}")
+        new[ours] = hf_state[theirs]
+        used.add(theirs)
     qformer.load_state_dict(new, strict=False)
-    return sorted(set(own) - set(new))
+    fresh = sorted(set(own) - set(new))
+    ignored = sorted(k for k in hf_state if k not in used)
+    log(f"Q-Former from BERT: {len(new)} tensors; left fresh {len(fresh)}: {key_names(fresh)}; "
+        f"ignored {len(ignored)}: {key_names(ignored)}")
+    return fresh
 
 
 def llm_key_map(llm):
@@ -222,9 +282,10 @@ def llm_key_map(llm):
     return {k: (k if k.startswith("lm_head") else "model." + k) for k in llm.state_dict()}
 
 
-def load_llm(llm, state):
-    """Load a Hugging Face Mistral/LLaMA state dict (e.g. the merged safetensors of Mistral-7B);
-    missing or mis-shaped keys raise KeyError naming them."""
+def load_llm(llm, state, log=print):
+    """Load a Hugging Face Mistral/LLaMA state dict (e.g. the merged safetensors of Mistral-7B) into an LLM without
+    LoRA; missing or mis-shaped keys raise KeyError naming them, keys it does not use (older files' rotary
+    `inv_freq` buffers, say) are logged by name."""
     own, new, bad = llm.state_dict(), {}, []
     for ours, theirs in llm_key_map(llm).items():
         if theirs not in state:
@@ -234,8 +295,102 @@ def load_llm(llm, state):
         else:
             new[ours] = state[theirs]
     if bad:
-        raise KeyError(f"LLM checkpoint does not fit: {bad[:10]}")
+        raise CheckpointError(f"LLM checkpoint does not fit: {bad[:10]}")
     llm.load_state_dict(new)
+    ignored = sorted(set(state) - set(llm_key_map(llm).values()))
+    log(f"LLM: all {len(new)} tensors; ignored {len(ignored)}: {key_names(ignored)}")
+
+
+# The released stage-3 layouts: VideoChat2's own (Ask-Anything, VC2/models/videochat_mistra/videochat2_it_mistral.py:
+# 57-156) and InternVideo2-Chat's (the modeling_base.py published with the model on the Hugging Face Hub, read in a
+# public copy: the same Q-Former and queries, `project_up` for `mistral_proj`, `lm.` for `mistral_model.`). Both save
+# only the trainable tensors (VC2/tasks/train_it.py:180-187): no frozen LLM weights, so those come from --llm_ckpt.
+STAGE3_LAYOUTS = {"VideoChat2": {"proj": "mistral_proj", "llm": "mistral_model."},
+                  "InternVideo2-Chat": {"proj": "project_up", "llm": "lm."}}
+
+
+def load_videochat2(model, ck, log=print):
+    """A released VideoChat2 / InternVideo2-Chat stage-3 file ({'model': state} or flat) into our Stage3Model:
+    the Q-Former (qformer_key_map under `qformer.`; a vocabulary with extra rows, VideoChat2's added [DEC], is cut to
+    ours and said so), the 32 + 64 queries, the projection to the LLM (-> llm_proj), vision_layernorm, the video
+    encoder when it is an InternVideo2 one (load_video_encoder; VideoChat2's own UMT-L encoder is reported, and the
+    caller must give the encoder another way), and the LLM's PEFT LoRA adapters
+    (`<llm>base_model.model.<HF key>.lora_{A,B}.default.weight`), added to our LLM with the file's rank and the
+    alpha of the file's config (32 when it has none: config_7b_stage3.py:81). Returns {"loaded", "skipped", "fresh",
+    "vision"}. A missing required part or a mis-shaped tensor raises KeyError naming it."""
+    from model import add_lora
+    state = released_state(ck)
+    layout = next((n for n, l in STAGE3_LAYOUTS.items() if f"{l['proj']}.weight" in state), None)
+    if layout is None or "query_tokens" not in state:
+        parts = sorted({k.split(".")[0] for k in state}) if isinstance(state, dict) else []
+        raise CheckpointError(f"not a VideoChat2 / InternVideo2-Chat stage-3 file (no query_tokens and mistral_proj / "
+                       f"project_up); its top-level parts: {parts[:12]}")
+    names = STAGE3_LAYOUTS[layout]
+    own, new, used = model.state_dict(), {}, set()
+
+    def take(ours, theirs, cut_rows=False):
+        src = state[theirs]
+        if cut_rows and src.shape[0] > own[ours].shape[0] and src.shape[1:] == own[ours].shape[1:]:
+            log(f"{theirs}: {src.shape[0]} rows, our vocabulary {own[ours].shape[0]}: the extra rows are dropped")
+            src = src[:own[ours].shape[0]]
+        if src.shape != own[ours].shape:
+            raise CheckpointError(f"{layout} file does not fit: {theirs} {tuple(src.shape)} vs {tuple(own[ours].shape)}")
+        new[ours] = src
+        used.add(theirs)
+
+    for ours, theirs in qformer_key_map(model.qformer.cfg).items():
+        if "qformer." + theirs in state:
+            take("qformer." + ours, "qformer." + theirs, cut_rows=ours == "word_emb.weight")
+    missing = [k for k in ("query_tokens", "extra_query_tokens", "layers.0.attn.q.weight", "layers.0.cross.k.weight")
+               if "qformer." + k not in new and k not in state]
+    if missing:
+        raise CheckpointError(f"{layout} file lacks Q-Former parts: {missing}")
+    for k in ("query_tokens", "extra_query_tokens"):
+        take(f"qformer.{k}", k)
+    for t in ("weight", "bias"):
+        take(f"llm_proj.{t}", f"{names['proj']}.{t}")
+        if f"vision_layernorm.{t}" in state:
+            take(f"vision_layernorm.{t}", f"vision_layernorm.{t}")
+
+    # LoRA: r from the file's first adapter, alpha from its config
+    peft = names["llm"] + "base_model.model."
+    lora = {k[len(peft):]: k for k in state if k.startswith(peft) and ".lora_" in k}
+    if lora:
+        r = next(v for k, v in lora.items() if ".lora_A." in k)
+        r = state[r].shape[0]
+        conf = ck.get("config", {}) if isinstance(ck, dict) else {}
+        alpha = (conf.get("model", {}) or {}).get("lora_alpha", 32) if isinstance(conf, dict) else 32
+        if not any("lora_" in k for k in own):
+            add_lora(model.llm, r=r, alpha=alpha)
+            own = model.state_dict()
+        for hf_key, k in lora.items():
+            ours = "llm." + hf_key.replace(".default.", ".")
+            ours = ours.replace("llm.model.", "llm.", 1)            # our LLM has no `model.` level (llm_key_map)
+            if ours not in own:
+                raise CheckpointError(f"{layout} file: LoRA adapter {k} has no place in our LLM (targets: q/k/v/o, gate/up/down, "
+                               f"lm_head)")
+            take(ours, k)
+        no_adapter = sorted(k for k in own if ".lora_" in k and k not in new)
+        if no_adapter:
+            raise CheckpointError(f"{layout} file lacks LoRA adapters: {key_names(no_adapter)}")
+        log(f"{layout} LoRA: {len(lora)} adapter tensors, r={r}, alpha={alpha}")
+
+    # the video encoder, when it is an InternVideo2 one
+    model.load_state_dict(new, strict=False)
+    done, vision = set(new), "absent"
+    if "vision_encoder.patch_embed.proj.weight" in state and "vision_encoder.blocks.0.attn.qkv.weight" in state:
+        report = load_video_encoder(model, {"model": state}, f"the {layout} file", log=log)
+        used |= {f"vision_encoder.{k}" for k in report["loaded"]}
+        done |= {f"vision_encoder.{k}" for k in report["loaded"]}
+        vision = "loaded"
+    elif any(k.startswith("vision_encoder.") for k in state):
+        vision = "not InternVideo2"
+    # fresh: what neither this file nor --llm_ckpt gives (the LLM's base weights come from there)
+    fresh = sorted(k for k in own if k not in done and (not k.startswith("llm.") or ".lora_" in k))
+    skipped = sorted(k for k in state if k not in used)
+    log(f"{layout} stage-3 file: loaded {len(used)} tensors; video encoder {vision}; left fresh {len(fresh)}: "
+        f"{key_names(fresh)}; ignored {len(skipped)}: {key_names(skipped)}")
+    return {"loaded": sorted(used), "skipped": skipped, "fresh": fresh, "vision": vision}
 
 
 def load_official_stage2(raw, log=print):
@@ -251,7 +406,7 @@ def load_official_stage2(raw, log=print):
     projections (`audio_proj`, `av_concat_*_proj`, `av_fusion`, `avtm_head`), all required then."""
     state = released_state(raw)
     if not isinstance(state, dict) or "vision_encoder.patch_embed.proj.weight" not in state:
-        raise KeyError("not an InternVideo2 stage-2 checkpoint: no vision_encoder.patch_embed.proj.weight")
+        raise CheckpointError("not an InternVideo2 stage-2 checkpoint: no vision_encoder.patch_embed.proj.weight")
     depth_of = lambda pattern: 1 + max(int(m.group(1)) for k in state for m in [re.match(pattern, k)] if m)
 
     # vision: width and depth -> preset; patch from the kernel; frames from the position table
@@ -259,13 +414,13 @@ def load_official_stage2(raw, log=print):
     dim, patch, vdepth = w.shape[0], w.shape[-1], depth_of(r"vision_encoder\.blocks\.(\d+)\.")
     names = [n for n, c in VISION_PRESETS.items() if (c.dim, c.depth) == (dim, vdepth)]
     if not names:
-        raise KeyError(f"no vision preset has width {dim} and depth {vdepth} (presets: "
+        raise CheckpointError(f"no vision preset has width {dim} and depth {vdepth} (presets: "
                        + ", ".join(f"{n} {c.dim}x{c.depth}" for n, c in VISION_PRESETS.items()) + ")")
     base = VISION_PRESETS[names[0]]
     grid = (base.img_size // patch) ** 2
     n_pos = state["vision_encoder.pos_embed"].shape[1] - 1
     if n_pos % grid:
-        raise KeyError(f"vision_encoder.pos_embed has {n_pos} patch rows, not a multiple of {grid} "
+        raise CheckpointError(f"vision_encoder.pos_embed has {n_pos} patch rows, not a multiple of {grid} "
                        f"({base.img_size} px in {patch} px patches)")
     vcfg = vision_preset(names[0], num_frames=n_pos // grid * w.shape[2], patch_size=patch,
                          pool_dim=state["vision_encoder.clip_projector.cross_attn.proj.weight"].shape[0])
@@ -273,14 +428,14 @@ def load_official_stage2(raw, log=print):
     # text: BERT under text_encoder.bert. (pre-training) or text_encoder. (renamed for evaluation)
     tp = "text_encoder.bert." if "text_encoder.bert.embeddings.word_embeddings.weight" in state else "text_encoder."
     if f"{tp}embeddings.word_embeddings.weight" not in state:
-        raise KeyError("no text_encoder.bert.embeddings.word_embeddings.weight: not a video-text stage-2 checkpoint")
+        raise CheckpointError("no text_encoder.bert.embeddings.word_embeddings.weight: not a video-text stage-2 checkpoint")
     vocab, tdim = state[f"{tp}embeddings.word_embeddings.weight"].shape
     layer = re.escape(tp) + r"encoder\.layer\.(\d+)\."
     tdepth = depth_of(layer)
     fusion = min(int(re.match(layer, k).group(1)) for k in state if re.match(layer + "crossattention", k))
     tnames = [n for n, c in TEXT_PRESETS.items() if (c.dim, c.depth, c.fusion_layer) == (tdim, tdepth, fusion)]
     if not tnames:
-        raise KeyError(f"no text preset has width {tdim}, {tdepth} layers and cross-attention from layer {fusion}")
+        raise CheckpointError(f"no text preset has width {tdim}, {tdepth} layers and cross-attention from layer {fusion}")
     tcfg = text_preset(tnames[0], vocab_size=vocab)
 
     # audio (the 6B audio-visual file): BEATs under audio_encoder., its preset from width and depth
@@ -290,7 +445,7 @@ def load_official_stage2(raw, log=print):
         adepth = depth_of(r"audio_encoder\.encoder\.layers\.(\d+)\.")
         anames = [n for n, c in AUDIO_PRESETS.items() if (c.dim, c.depth) == (adim, adepth)]
         if not anames:
-            raise KeyError(f"no audio preset has width {adim} and depth {adepth}")
+            raise CheckpointError(f"no audio preset has width {adim} and depth {adepth}")
         audio = load_beats(state, prefix="audio_encoder.", base=anames[0])
         av_dim = state["av_concat_vision_proj.0.weight"].shape[0]
     model = Stage2Model(vcfg, tcfg, audio.cfg if audio else None, state["vision_proj.weight"].shape[0], av_dim)
@@ -302,7 +457,7 @@ def load_official_stage2(raw, log=print):
     used = {f"vision_encoder.{k}" for k in report["loaded"]}
     fresh = load_bert(model.text_encoder, state, prefix="text_encoder.", used=used)
     if fresh:
-        raise KeyError(f"the stage-2 file lacks BERT tensors: {key_names(fresh)}")
+        raise CheckpointError(f"the stage-2 file lacks BERT tensors: {key_names(fresh)}")
     if audio:       # every audio_encoder.* key is read (layers > 0 repeat layer 0's shared position bias)
         used |= {k for k in state if k.startswith("audio_encoder.")}
     towers = ("vision_encoder.", "text_encoder.", "audio_encoder.")
@@ -311,7 +466,7 @@ def load_official_stage2(raw, log=print):
     missing = [k for k in own if not k.startswith(towers) and k not in state]
     bad = [k for k, v in heads.items() if v.shape != own[k].shape]
     if missing or bad:
-        raise KeyError(f"the stage-2 file does not fit the heads: missing {missing}, wrong shapes {bad}")
+        raise CheckpointError(f"the stage-2 file does not fit the heads: missing {missing}, wrong shapes {bad}")
     model.load_state_dict(heads, strict=False)
     used |= set(heads)
     skipped = sorted(k for k in state if k not in used)

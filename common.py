@@ -37,6 +37,32 @@ class ConfigError(ValueError):
     """A bad command-line option or config value; the message names it."""
 
 
+class CheckpointError(KeyError):
+    """A checkpoint that cannot be read or does not fit; the message names the file and the keys. A KeyError, as
+    a missing key is what it mostly is, but printed as its plain message."""
+
+    def __str__(self):
+        return str(self.args[0]) if self.args else ""
+
+
+def cli(main):
+    """Run a script's main() so that a bad option, input or checkpoint ends in one line on stderr, not a traceback:
+    exit code 2 for a bad option (ConfigError), 1 for bad data or a checkpoint that does not fit, 130 for Ctrl-C
+    outside training (training itself saves and stops cleanly: StopSignal). Everything else still raises."""
+    from data import DataError
+    try:
+        return main()
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except (DataError, CheckpointError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
 def _field_help(cls):
     """The trailing `# comment` of each dataclass field, read from the source, for --help."""
     helps = {}
@@ -519,11 +545,15 @@ def save_checkpoint(path, state, rt):
 def load_checkpoint(path, map_location="cpu"):
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        return torch.load(path, map_location=map_location, weights_only=False)
+        ck = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as e:
-        raise RuntimeError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e})") from None
+        raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
+    if not isinstance(ck, dict):
+        raise CheckpointError(f"{path} holds a {type(ck).__name__}, not a checkpoint (a dict of tensors)")
+    return ck
 
 
 def restore_rng(ckpt, rt):

@@ -229,58 +229,63 @@ def make_toyworld(root=TOYWORLD, n_train=2000, n_val=500, seed=0, workers=2, ver
 # ------------------------------------------------------------------------------------------------
 # the on-disk format: JSONL, frames, audio
 
+PATH_KEYS = ("video", "audio")      # the record fields that name files, relative to the JSONL
+
+
 def load_jsonl(path, skip_bad=False, required=("video",)):
     """Parse a sample file. Returns (records, n_bad). Each record gets `_line` (1-based) and `_root`
-    (the JSONL's folder). A malformed line raises DataError naming the file and line, or with
-    skip_bad is counted and skipped."""
+    (the JSONL's folder). A malformed line (not UTF-8, not a JSON object, a required field missing, a
+    path field that is not a string) raises DataError naming the file and line, or with skip_bad is
+    counted, reported on stderr and skipped. A UTF-8 byte-order mark (Windows editors) is accepted."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"sample file {path} does not exist")
     records, bad = [], 0
-    with open(path) as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
+    with open(path, "rb") as f:                    # bytes: one undecodable line must not sink the others
+        for lineno, raw in enumerate(f, start=1):
             try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")      # -sig drops a leading BOM
+                if not line.strip():
+                    continue
                 rec = json.loads(line)
                 if not isinstance(rec, dict):
                     raise ValueError("a line must be a JSON object")
                 missing = [k for k in required if not rec.get(k)]
                 if missing:
                     raise ValueError(f"missing field(s) {missing}")
-            except ValueError as e:
+                for k in PATH_KEYS:                # null = absent; a number or list would fail later, far away
+                    if rec.get(k) is not None and not isinstance(rec[k], str):
+                        raise ValueError(f"field {k!r} must be a path string, got {json.dumps(rec[k])[:40]}")
+            except ValueError as e:                # UnicodeDecodeError and JSONDecodeError are ValueErrors
+                why = f"not UTF-8 ({e})" if isinstance(e, UnicodeDecodeError) else str(e)
                 if not skip_bad:
-                    raise DataError(f"{path}:{lineno}: malformed sample line ({e})") from None
+                    raise DataError(f"{path}:{lineno}: malformed sample line ({why})") from None
+                print(f"skipping malformed line: {path}:{lineno}: {why}", file=sys.stderr)
                 bad += 1
                 continue
             rec["_line"], rec["_root"] = lineno, str(path.parent)
             records.append(rec)
     if not records:
-        raise DataError(f"{path}: no usable samples")
+        raise DataError(f"{path}: no usable samples" + (f" ({bad} malformed lines skipped)" if bad else ""))
     return records, bad
 
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
-_FRAME_CACHE = {}     # path -> every decoded frame, for small datasets (see VideoTextDataset.cache)
 
 
-def read_frames(path, indices_fn, cache=False):
+def read_frames(path, indices_fn, frame_fn=None):
     """Decode the frames of one video. `indices_fn(n_frames) -> list of frame indices` picks which
-    frames to decode. Returns uint8 (T, H, W, 3). Raises DataError naming the file. With cache, every
-    frame is decoded once per process and kept in memory."""
-    if cache:
-        key = str(path)
-        if key not in _FRAME_CACHE:
-            _FRAME_CACHE[key] = read_frames(path, lambda n: range(n))
-        frames = _FRAME_CACHE[key]
-        return frames[indices_fn(len(frames))]
+    frames to decode; `frame_fn` (optional) maps each picked (H, W, 3) frame as soon as it is decoded
+    (the frame cache downscales there, so a long clip never sits in memory at full size). Returns
+    uint8 (T, H, W, 3). Raises DataError naming the file."""
+    fn = frame_fn or (lambda f: f)
     path = Path(path)
     try:
         if path.is_dir():                                     # a folder of frame images
             files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTS)
             if not files:
                 raise DataError(f"{path}: frame folder has no images")
-            return np.stack([np.asarray(Image.open(files[i]).convert("RGB")) for i in indices_fn(len(files))])
+            return np.stack([fn(np.asarray(Image.open(files[i]).convert("RGB"))) for i in indices_fn(len(files))])
         if not path.exists():
             raise DataError(f"{path}: video file does not exist")
         if path.suffix.lower() in (".gif", ".webp", ".png"):
@@ -288,7 +293,7 @@ def read_frames(path, indices_fn, cache=False):
                 out = []
                 for i in indices_fn(getattr(im, "n_frames", 1)):
                     im.seek(i)
-                    out.append(np.asarray(im.convert("RGB")))
+                    out.append(fn(np.asarray(im.convert("RGB"))))
                 return np.stack(out)
         try:
             import av
@@ -299,11 +304,66 @@ def read_frames(path, indices_fn, cache=False):
             frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
         if not frames:
             raise DataError(f"{path}: no video frames")
-        return np.stack([frames[i] for i in indices_fn(len(frames))])
+        return np.stack([fn(frames[i]) for i in indices_fn(len(frames))])
     except DataError:
         raise
     except Exception as e:                                    # corrupt or unreadable media
         raise DataError(f"{path}: cannot decode video ({type(e).__name__}: {e})") from None
+
+
+def cache_short_side(img_size, crop_scale):
+    """The short side (pixels) the frame cache keeps for a dataset: the transform's smallest crop (area
+    fraction s = crop_scale[0], aspect 3/4) has both sides at least sqrt(0.75 s) x the frame's short side,
+    so a short side of img_size / sqrt(0.75 s) keeps every crop at >= img_size pixels (to rounding): a
+    crop is still only ever downscaled to img_size, as from the full-size frame. s is capped at the
+    official 0.5, so the eval sets and train sets (0.5-0.8 here) of a clip share one cache entry."""
+    return math.ceil(img_size / math.sqrt(0.75 * min(crop_scale[0], 0.5)))
+
+
+def shrink_frame(frame, short_side):
+    """uint8 (H, W, 3) -> the frame with its short side at most `short_side`, aspect kept (antialiased
+    bilinear, the filter of the transform's resize, in uint8); a frame that small already (ToyWorld's)
+    is returned exactly as decoded."""
+    H, W = frame.shape[:2]
+    if min(H, W) <= short_side:
+        return frame
+    k = short_side / min(H, W)
+    return np.asarray(Image.fromarray(frame).resize((max(1, round(W * k)), max(1, round(H * k))), Image.BILINEAR))
+
+
+class FrameCache:
+    """Decoded clips kept in memory, one store per process (each DataLoader worker fills its own):
+    every frame of a clip, shrunk by shrink_frame, while the store holds less than the budget; after
+    that further clips are decoded each time (one note on stderr), and shrunk the same way, so that a
+    sample never depends on which clips this process happened to cache first (resume stays exact)."""
+
+    def __init__(self):
+        self.clips, self.nbytes, self.full = {}, 0, False        # (path, short side) -> (frames, source (H, W))
+
+    def frames(self, path, indices_fn, short_side, budget_mb):
+        """read_frames through the cache -> (uint8 (T, h, w, 3), the (H, W) the video was decoded at)."""
+        key = (str(path), short_side)
+        if key not in self.clips:
+            src = []
+
+            def shrink(frame):                     # shrink as decoded; remember the source size for the crop
+                src[:] = frame.shape[:2]
+                return shrink_frame(frame, short_side)
+            if self.full:                          # no room: decode only the picked frames
+                return read_frames(path, indices_fn, shrink), tuple(src)
+            frames = read_frames(path, lambda n: range(n), shrink)
+            if self.nbytes + frames.nbytes > budget_mb * 2 ** 20:
+                self.full = True
+                print(f"frame cache: the {budget_mb} MB budget is reached in this process ({len(self.clips)} "
+                      f"clips cached); further clips are decoded each time", file=sys.stderr)
+                return frames[indices_fn(len(frames))], tuple(src)
+            self.clips[key] = frames, tuple(src)
+            self.nbytes += frames.nbytes
+        frames, src = self.clips[key]
+        return frames[indices_fn(len(frames))], src
+
+
+_FRAME_CACHE = FrameCache()
 
 
 def frame_indices(n_total, n_frames, train, rng=None):
@@ -317,12 +377,14 @@ def frame_indices(n_total, n_frames, train, rng=None):
     return out
 
 
-def video_transform(frames, size, train, rng=None, scale=(0.5, 1.0), hflip=False):
+def video_transform(frames, size, train, rng=None, scale=(0.5, 1.0), hflip=False, src_hw=None):
     """uint8 (T, H, W, 3) -> float (3, T, size, size), ImageNet-normalised. Training: one random
     resized crop (area fraction in `scale`, aspect 3/4..4/3) for the whole clip and an optional
-    horizontal flip; evaluation: resize the whole frame to size x size (MM/dataset/__init__.py:89-154)."""
-    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float() / 255  # (T, 3, H, W)
-    H, W = x.shape[-2:]
+    horizontal flip; evaluation: resize the whole frame to size x size (MM/dataset/__init__.py:89-154).
+    src_hw: the (H, W) the video was decoded at, when the frames were downscaled since (the frame
+    cache): the crop box is drawn at that size with the same random numbers and scaled to the frames,
+    so a clip gets the same box, in relative terms, cached or not."""
+    H, W = src_hw or frames.shape[1:3]
     if train and scale[0] < 1.0:
         for _ in range(10):
             area = H * W * rng.uniform(*scale)
@@ -330,8 +392,16 @@ def video_transform(frames, size, train, rng=None, scale=(0.5, 1.0), hflip=False
             w, h = int(round(math.sqrt(area * ar))), int(round(math.sqrt(area / ar)))
             if 0 < w <= W and 0 < h <= H:
                 top, left = int(rng.integers(0, H - h + 1)), int(rng.integers(0, W - w + 1))
-                x = x[..., top:top + h, left:left + w]
+                # source pixels -> stored pixels: the identity unless downscaled; then an edge moves by at
+                # most half a stored pixel (at most half an output pixel: a crop spans >= size stored pixels
+                # at cache_short_side), and the crop is resampled twice (shrink, then resize): a tiny
+                # difference from the full-size path
+                sy, sx = frames.shape[1] / H, frames.shape[2] / W
+                t, lf = round(top * sy), round(left * sx)
+                frames = frames[:, t:max(t + 1, round((top + h) * sy)), lf:max(lf + 1, round((left + w) * sx))]
                 break
+    # crop first, in uint8: only the crop is converted to float (the same values as converting first)
+    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float() / 255  # (T, 3, h, w)
     if x.shape[-2:] != (size, size):
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
     if train and hflip and rng.random() < 0.5:
@@ -353,15 +423,22 @@ class VideoTextDataset(torch.utils.data.Dataset):
     A sample that cannot be read raises DataError naming the JSONL line and the file; with
     skip_bad it is replaced by the next readable sample and counted in n_bad.
 
+    cache: keep decoded clips in this process's memory (FrameCache), True / False, or None = auto: on
+    for up to 5000 clips (ToyWorld: 120 MB), where a worker revisits its clips every epoch. Cached
+    clips are stored shrunk to cache_short_side(img_size, crop_scale) on the short side (frames that
+    small, like ToyWorld's, exactly as decoded, so results are bit-identical with the cache off), up
+    to cache_mb per process (x workers x ranks); beyond it clips are decoded each time. Frames larger
+    than that see a tiny resampling difference between cache on and off (see video_transform).
+
     All randomness of a sample (frame choice, crop, flip, mask noise) comes from a generator seeded
     by (seed, epoch, index), so a sample is the same whatever the worker, rank or world size, and a
     resumed run reads exactly what the uninterrupted run would have."""
 
     def __init__(self, jsonl, num_frames, img_size, train, seed=0, skip_bad=False, noise_grid=None,
-                 crop_scale=(0.5, 1.0), hflip=False, extra=None, cache=None):
+                 crop_scale=(0.5, 1.0), hflip=False, extra=None, cache=None, cache_mb=2048):
         self.records, self.n_bad_lines = load_jsonl(jsonl, skip_bad)
-        # decoded clips stay in memory for small datasets (ToyWorld: 100 MB); None = auto
-        self.cache = len(self.records) <= 5000 if cache is None else cache
+        self.cache = len(self.records) <= 5000 if cache is None else bool(cache)
+        self.cache_mb = cache_mb
         self.jsonl, self.num_frames, self.img_size, self.train = str(jsonl), num_frames, img_size, train
         self.seed, self.skip_bad, self.noise_grid = seed, skip_bad, noise_grid
         self.crop_scale, self.hflip = tuple(crop_scale), hflip
@@ -391,9 +468,13 @@ class VideoTextDataset(torch.utils.data.Dataset):
         raise DataError(f"{self.jsonl}: no sample could be read")
 
     def _load(self, rec, rng):
-        frames = read_frames(Path(rec["_root"]) / rec["video"],
-                             lambda n: frame_indices(n, self.num_frames, self.train, rng), self.cache)
-        out = {"video": video_transform(frames, self.img_size, self.train, rng, self.crop_scale, self.hflip),
+        path, pick = Path(rec["_root"]) / rec["video"], lambda n: frame_indices(n, self.num_frames, self.train, rng)
+        if self.cache:        # the short side follows crop_scale at call time (teachers.py changes it later)
+            frames, src_hw = _FRAME_CACHE.frames(path, pick, cache_short_side(self.img_size, self.crop_scale),
+                                                 self.cache_mb)
+        else:
+            frames, src_hw = read_frames(path, pick), None
+        out = {"video": video_transform(frames, self.img_size, self.train, rng, self.crop_scale, self.hflip, src_hw),
                "id": str(rec.get("id", rec["_line"]))}
         if self.extra is not None:
             out.update(self.extra(rec, rng))
@@ -453,7 +534,10 @@ class StepSampler(torch.utils.data.Sampler):
 
 def train_loader(dataset, micro_batch, rank, world, seed, start, workers):
     sampler = StepSampler(len(dataset), micro_batch, rank, world, seed, start)
+    # its own generator: iter() draws the workers' base seed from it, not from the global RNG that --resume has
+    # just restored (drawing there shifted every later mask and drop-path decision of a resumed run)
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
+                                       generator=torch.Generator().manual_seed(seed),
                                        collate_fn=collate, persistent_workers=False,
                                        pin_memory=torch.cuda.is_available(), prefetch_factor=4 if workers else None)
 
@@ -622,6 +706,21 @@ def resample(wave, sr_in, sr_out):
     return (torch.fft.irfft(out, n=n_out) * n_out / wave.numel()).float()
 
 
+def _wav_missing_bytes(path):
+    """How many bytes a RIFF/WAVE file's data chunk declares beyond the end of the file (0 when complete,
+    not a WAV, or of unknown length: streamed WAVs declare 0 or 0xFFFFFFFF)."""
+    with open(path, "rb") as f:
+        head, size = f.read(12), path.stat().st_size
+        if head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+            return 0
+        while len(chunk := f.read(8)) == 8:
+            n = int.from_bytes(chunk[4:], "little")
+            if chunk[:4] == b"data":
+                return max(0, n - (size - f.tell())) if n not in (0, 0xFFFFFFFF) else 0
+            f.seek(n + (n & 1), 1)                                          # chunks are padded to even size
+    return 0
+
+
 FBANK_MEAN, FBANK_STD = 15.41663, 6.55582      # InternVideo2's normalisation (MM/dataset/av_utils.py:117-119)
 
 
@@ -629,15 +728,24 @@ def load_fbank(path, frames, train, rng=None, sr=16000, allow_resample=False, n_
     """Audio file -> normalised fbank (frames, n_mels), as the official loader: mono, 16 kHz, a crop
     of frames x 10 ms (random in training, from the start otherwise), x 2^15, Kaldi fbank,
     (x - 15.41663) / (2 * 6.55582), zero-padded to `frames`. Other sample rates are resampled when
-    allowed, else refused with a message naming the file."""
+    allowed, else refused with a message naming the file; so are a truncated file and NaN/inf samples."""
     import soundfile as sf
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: audio file does not exist")
     try:
-        wave, file_sr = sf.read(str(path), dtype="float32", always_2d=True)
+        with sf.SoundFile(str(path)) as f:
+            declared, file_sr, wave = f.frames, f.samplerate, f.read(dtype="float32", always_2d=True)
     except Exception as e:
         raise DataError(f"{path}: cannot read audio ({type(e).__name__}: {e})") from None
+    # a cut-off file: libsndfile shortens a WAV's frame count to what is there (so sf.info agrees with
+    # sf.read) and only logs it, hence the header check; other formats may just return fewer frames
+    short = _wav_missing_bytes(path)
+    if short or len(wave) < declared:
+        raise DataError(f"{path}: truncated audio file (" + (f"{short} bytes of the data chunk missing)" if short
+                        else f"{len(wave)} of {declared} frames readable)"))
+    if not np.isfinite(wave).all():        # a float WAV can hold NaN/inf: it would surface as a NaN loss
+        raise DataError(f"{path}: non-finite samples (NaN or inf) in the audio")
     wave = torch.from_numpy(wave).mean(1)                                   # mono
     if file_sr != sr:
         if not allow_resample:
@@ -807,7 +915,7 @@ def stage3_turns(rec, substage, rng):
     captioning instruction for alignment and the vision-language connection; for instruction tuning
     the sample's `conversations` (all turns) when it has them, else one random QA pair or the caption."""
     caption = rec.get("caption", "")
-    if not caption.strip():
+    if not isinstance(caption, str) or not caption.strip():
         raise DataError("empty or missing 'caption'")
     describe = CAPTION_PROMPTS[int(rng.integers(len(CAPTION_PROMPTS)))]
     if substage in (1, 2):

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from common import gather_objects, print0
+from common import cli, gather_objects, print0
 from data import ATTRIBUTES, CAPTION_ATTRS, eval_loader
 
 
@@ -531,4 +531,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

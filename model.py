@@ -383,9 +383,10 @@ def sincos_3d(dim, size, t_size, cls_token=True):
 
 def sinusoid_table(n_position, dim):
     """The transformer's 1-D table with interleaved channels (2i: sin, 2i+1: cos), as VideoMAE's fixed
-    position embedding (SM/models/videomae.py:160-204): (1, n_position, dim)."""
+    position embedding (SM/models/videomae.py:160-204): (1, n_position, dim). Computed in float64 throughout, as
+    the official numpy table (in float32 the exponent alone puts the 1408-wide table 8e-5 off), then stored as float32."""
     pos = torch.arange(n_position, dtype=torch.float64)[:, None]
-    angle = pos / 10000 ** (2 * (torch.arange(dim) // 2) / dim)
+    angle = pos / 10000 ** (2 * (torch.arange(dim, dtype=torch.float64) // 2) / dim)
     table = torch.where(torch.arange(dim) % 2 == 0, angle.sin(), angle.cos())
     return table.float()[None]
 
@@ -1227,17 +1228,26 @@ class LoRALinear(nn.Module):
         return lin
 
 
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# every projection of every block and the output head (VC2/models/videochat_mistra/videochat2_it_mistral.py:143-150)
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
 
 
 def add_lora(llm, r=16, alpha=32, dropout=0.1, targets=LORA_TARGETS):
-    """Freeze the LLM and wrap every target Linear in LoRA (VC2/scripts/videochat_mistral/config_7b_stage3.py:79-82)."""
+    """Freeze the LLM and wrap every target Linear in LoRA (r, alpha, dropout:
+    VC2/scripts/videochat_mistral/config_7b_stage3.py:79-82)."""
     llm.requires_grad_(False)
     for parent in list(llm.modules()):
         for name, child in list(parent.named_children()):
             if name in targets and isinstance(child, nn.Linear):
                 setattr(parent, name, LoRALinear(child, r, alpha, dropout))
     return llm
+
+
+def lora_config(llm):
+    """The {r, alpha, dropout} of the LLM's adapters (None without LoRA), for a checkpoint's model_config."""
+    m = next((m for m in llm.modules() if isinstance(m, LoRALinear)), None)
+    return None if m is None else {"r": m.lora_A.out_features, "alpha": m.scale * m.lora_A.out_features,
+                                   "dropout": m.drop.p}
 
 
 def merge_lora(llm):

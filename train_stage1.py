@@ -18,8 +18,8 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from checkpoints import TOYS, stage1_student_state
-from common import (RunLog, WithLoss, barrier, build_optimizer, by_preset, check, compile_blocks, cosine_lr,
+from checkpoints import TOYS, check_init_from, stage1_student_state
+from common import (cli, RunLog, WithLoss, barrier, build_optimizer, by_preset, check, compile_blocks, cosine_lr,
                     distribute, finish, load_checkpoint, load_state, model_state, optimizer_state, parse_config,
                     pick_dtype, print0, resume, run_summary, save_checkpoint, setup_runtime, shard, training_loop)
 from data import TOYWORLD, VideoTextDataset, prepare_toyworld, train_loader
@@ -27,7 +27,7 @@ from evaluate import evaluate_stage1
 from losses import stage1_objective
 from model import MASK_TYPES, VISION_PRESETS, InternVideo2, count_params, param_table, vision_preset
 from plots import loss_figure, save_pictures, stage1_mask_figure
-from teachers import build_teachers, pretrain_toy_teachers
+from teachers import build_teachers, float8_teachers, pretrain_toy_teachers
 
 
 @dataclass
@@ -71,7 +71,9 @@ class Stage1Config:
     device: str = "auto"            # auto | cpu | cuda | cuda:N | mps
     dtype: str = "auto"             # auto (CUDA bf16, else fp32) | float32 | bfloat16 | float16
     compile: bool = False           # torch.compile the student's and the teachers' blocks (regional)
-    teacher_dtype: str = "auto"     # auto (bf16 under bf16 autocast, else fp32) | float32 | bfloat16
+    teacher_dtype: str = "auto"     # auto (bf16 in bf16 autocast, else fp32) | float32 | bfloat16 | float8(_tensor)
+    #   float8(_tensor): the teachers' nn.Linears in e4m3 (teachers.Float8Linear), activation scales per token (per
+    #   tensor), the rest in auto's dtype; FP8 matmuls on CUDA >= 8.9, elsewhere the same numbers in fp32 (slower)
     grad_ckpt_blocks: int = 0       # activation checkpointing for the first N student blocks
     fsdp: bool = False              # under torchrun: FSDP2-shard the student (6B) instead of DDP
     seed: int = 0                   # seeds init, data order, augmentation and masks
@@ -92,6 +94,9 @@ class Stage1Config:
     BY_PRESET = {"lr": (1.2e-2, 1.5e-4), "min_lr": (1e-4, 1e-5), "mask_ratio": (0.5, 0.8)}
 
     def validate(self):
+        check(self.teacher_dtype in ("auto", "float32", "bfloat16", "float16", "float8", "float8_tensor"),
+              "--teacher_dtype must be auto, float32, bfloat16, float16, float8 or float8_tensor, "
+              f"got {self.teacher_dtype!r}")
         check(self.mae_teacher_attention in ("standard", "official"),
               f"--mae_teacher_attention must be standard or official, got {self.mae_teacher_attention!r}")
         check(self.mask_type in MASK_TYPES, f"--mask_type must be attention, tube or random, got {self.mask_type!r}")
@@ -136,7 +141,11 @@ def main(argv=None):
         barrier(rt)
     teachers = build_teachers(cfg.clip_teacher, cfg.mae_teacher, clip_ckpt or None, mae_ckpt or None,
                               cfg.mae_teacher_attention)
-    teachers.to(rt.device, rt.frozen_dtype if cfg.teacher_dtype == "auto" else pick_dtype(rt.device, cfg.teacher_dtype))
+    fp8 = cfg.teacher_dtype.startswith("float8")   # e4m3 Linears on auto's dtype: CUDA bf16, a CPU's fp32 run fp32
+    teachers.to(rt.device, rt.frozen_dtype if cfg.teacher_dtype == "auto" or fp8
+                else pick_dtype(rt.device, cfg.teacher_dtype))
+    if fp8:                                         # quantised on the device, from the weights as stored there
+        print0(float8_teachers(teachers, per_token=cfg.teacher_dtype == "float8"), rt=rt)
     check(teachers.clip.cfg.dim == vcfg.clip_teacher_dim and teachers.mae.cfg.dim == vcfg.mae_teacher_dim
           and teachers.clip.cfg.pool_dim == vcfg.clip_teacher_final_dim,
           f"the student's heads ({vcfg.clip_teacher_dim}, {vcfg.clip_teacher_final_dim}, {vcfg.mae_teacher_dim}) "
@@ -162,8 +171,9 @@ def main(argv=None):
     scaler = rt.make_scaler()
     step, ck = resume(out_dir, student, optimizer, scaler, rt) if cfg.resume else (0, None)
     if cfg.init_from and not cfg.resume:
-        state = stage1_student_state(student, load_checkpoint(cfg.init_from), cfg.init_from,
-                                     log=lambda msg: print0(msg, rt=rt))
+        ck0 = load_checkpoint(cfg.init_from)
+        check_init_from(ck0, cfg.init_from, ("stage-1 checkpoint", "released stage-1 module"), stage=1)
+        state = stage1_student_state(student, ck0, cfg.init_from, log=lambda msg: print0(msg, rt=rt))
         load_state(student, None, {"model": state})
     log = RunLog(out_dir, cfg, rt, resume=step > 0)
     print0(f"student {cfg.preset}:\n{param_table(student)}\nteachers: {cfg.clip_teacher} "
@@ -205,4 +215,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -20,8 +20,8 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from checkpoints import TOYS, key_names, load_beats, load_bert, load_video_encoder
-from common import (RunLog, WithLoss, barrier, build_optimizer, by_preset, check, compile_blocks, cosine_lr,
+from checkpoints import check_init_from, TOYS, key_names, load_beats, load_bert, load_video_encoder
+from common import (cli, RunLog, WithLoss, barrier, build_optimizer, by_preset, check, compile_blocks, cosine_lr,
                     distribute, finish, load_checkpoint, model_state, optimizer_state, parse_config, print0, resume,
                     run_summary, save_checkpoint, setup_runtime, training_loop)
 from data import TOYWORLD, VideoTextDataset, WordPieceTokenizer, prepare_toyworld, stage2_fields, train_loader
@@ -178,6 +178,8 @@ def main(argv=None):
         model.audio_encoder.requires_grad_(False)               # frozen, but in train mode like the official
     if cfg.init_from:
         ck = load_checkpoint(cfg.init_from)
+        check_init_from(ck, cfg.init_from, ("stage-1 checkpoint", "stage-2 checkpoint", "released stage-1 module",
+                                            "released stage-2 file"), stage=2)
         if ck.get("stage") == 2:                                   # a stage-2 checkpoint: everything
             model.load_state_dict(ck["model"])
             print0(f"loaded the whole stage-2 model from {cfg.init_from}", rt=rt)
@@ -237,4 +239,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

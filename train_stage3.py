@@ -27,14 +27,14 @@ from types import SimpleNamespace
 
 import torch
 
-from checkpoints import TOYS, load_llm, load_video_encoder, qformer_from_bert
-from common import (RunLog, WithLoss, barrier, build_optimizer, by_preset, check, cleanup, compile_blocks, cosine_lr,
+from checkpoints import TOYS, check_init_from, load_llm, load_video_encoder, load_videochat2, qformer_from_bert
+from common import (cli, RunLog, WithLoss, barrier, build_optimizer, by_preset, check, cleanup, compile_blocks, cosine_lr,
                     distribute, finish, load_checkpoint, model_state, optimizer_state, parse_config, print0, resume,
                     run_summary, save_checkpoint, setup_runtime, shard, store_frozen, training_loop)
 from data import (TOYWORLD, VideoTextDataset, WordPieceTokenizer, load_llm_tokenizer, prepare_toyworld, stage3_fields,
                   train_loader, video_index)
 from losses import stage3_objective
-from model import (LLM_PRESETS, QFORMER_PRESETS, VISION_PRESETS, Stage3Model, add_lora, param_table, text_preset,
+from model import (LLM_PRESETS, QFORMER_PRESETS, VISION_PRESETS, Stage3Model, add_lora, lora_config, param_table, text_preset,
                    vision_preset)
 from plots import loss_figure, save_pictures
 from pretrain_toys import pretrain_toy_bert, pretrain_toy_llm
@@ -57,7 +57,9 @@ class Stage3Config:
     llm: str = "toy"                # toy | mistral-7b
     frames: tuple = ()              # frames per clip in sub-stages 1-3; () = by preset
     img_size: int = 0               # 0 = the preset's
-    init_from: str = ""             # stage-2 checkpoint (video encoder, pos-embed 4 -> 8 frames) or a stage-3 one
+    init_from: str = ""             # stage-2 checkpoint (video encoder, pos-embed 4 -> 8 frames), a stage-3 one, or a
+                                    # released VideoChat2 / InternVideo2-Chat file (Q-Former, queries, projection, LoRA)
+    vision_from: str = ""           # the video encoder from this stage-2/3 file instead (e.g. beside a VideoChat2 file)
     qformer_bert: str = ""          # BERT state dict (HF names) for the Q-Former; toy: "" = toys/toy_bert.pt
     llm_ckpt: str = ""              # LLM state dict (HF names); toy: "" = toys/toy_llm.pt (both shipped)
     qformer_text_input: bool = True # instruction -> Q-Former (VC2/scripts/videochat_mistral/config_7b_stage3.py:69)
@@ -138,14 +140,18 @@ def main(argv=None):
                              max_len=cfg.max_llm_len, seed=cfg.seed)
     barrier(rt)
     if qbert:
-        fresh = qformer_from_bert(model.qformer, load_checkpoint(qbert))
-        print0(f"Q-Former from {qbert}: {len(fresh)} tensors left fresh (queries, cross-attention)", rt=rt)
+        qformer_from_bert(model.qformer, load_checkpoint(qbert), log=lambda msg: print0(f"{qbert}: {msg}", rt=rt))
     if llm_ckpt:
-        load_llm(model.llm, load_checkpoint(llm_ckpt))
-        print0(f"LLM from {llm_ckpt}", rt=rt)
+        load_llm(model.llm, load_checkpoint(llm_ckpt), log=lambda msg: print0(f"{llm_ckpt}: {msg}", rt=rt))
     if cfg.init_from:
         ck = load_checkpoint(cfg.init_from)
-        if ck.get("stage") == 3:                   # everything, at its own frame count (e.g. sub-stage 2's
+        kind = check_init_from(ck, cfg.init_from, ("stage-2 checkpoint", "stage-3 checkpoint", "released stage-2 file",
+                                                   "VideoChat2 / InternVideo2-Chat file"), stage=3)
+        if kind.startswith("VideoChat2"):          # Q-Former, queries, projection, LoRA (+ an InternVideo2 encoder)
+            report = load_videochat2(model, ck, log=lambda msg: print0(msg, rt=rt))
+            check(report["vision"] == "loaded" or cfg.vision_from, f"{cfg.init_from} has no InternVideo2 video "
+                  f"encoder ({report['vision']}): give one with --vision_from=<stage-2 checkpoint>")
+        elif ck.get("stage") == 3:                   # everything, at its own frame count (e.g. sub-stage 2's
             if ck.get("lora"):                     # 4 before 3's 8); the sub-stage loop then resizes the
                 add_lora(model.llm, **ck["lora"])  # table as a run that did both sub-stages in one go
             model.vision_encoder.set_num_frames(ck["model_config"]["vision"]["num_frames"])
@@ -153,6 +159,10 @@ def main(argv=None):
             print0(f"loaded the whole stage-3 model from {cfg.init_from}", rt=rt)
         else:                                      # the hand-off: its video encoder
             load_video_encoder(model, ck, cfg.init_from, log=lambda msg: print0(msg, rt=rt))
+    if cfg.vision_from:                            # the video encoder from another file (after --init_from)
+        ck = load_checkpoint(cfg.vision_from)
+        check_init_from(ck, cfg.vision_from, ("stage-2 checkpoint", "stage-3 checkpoint", "released stage-2 file"), 3)
+        load_video_encoder(model, ck, cfg.vision_from, log=lambda msg: print0(msg, rt=rt))
     model.to(rt.device)
     if not cfg.fsdp:        # FSDP2 shards the fp32 weights instead (and wants one dtype per block)
         store_frozen(model.llm.requires_grad_(False), rt.frozen_dtype)
@@ -165,7 +175,7 @@ def main(argv=None):
 
     def model_config():
         return {"vision": asdict(model.vision_encoder.cfg), "qformer": asdict(model.qformer.cfg), "llm": asdict(lcfg),
-                "lora": lora_kw if any("lora_" in k for k in model.state_dict()) else None}
+                "lora": lora_config(model.llm)}
 
     # ---- the sub-stages -----------------------------------------------------------------------
     results = {}
@@ -205,7 +215,11 @@ def main(argv=None):
                 "stage": 3, "substage": sub, "step": step, "model": model_state(model),
                 "optimizer": optimizer_state(model, optimizer), "scaler": scaler.state_dict() if scaler else None,
                 "config": asdict(cfg), "model_config": model_config(), "lora": model_config()["lora"],
-                "nan_skips": nan_skips}, rt)
+                "nan_skips": nan_skips,
+                # the vocabularies travel with the weights: chat.py needs no data folder
+                "tokenizers": {"vocab": bert_tok.itos, "llm_vocab": llm_tok.wp.itos if hasattr(llm_tok, "wp") else None,
+                               "llm_model": llm_tok.sp.serialized_model_proto() if hasattr(llm_tok, "sp") else None}},
+                rt)
 
         global_batch = cfg.batch_size * cfg.grad_accum * rt.world
         loader = iter(train_loader(train_set, cfg.batch_size, rt.rank, rt.world, cfg.seed + sub,
@@ -223,7 +237,13 @@ def main(argv=None):
     # ---- final checkpoint and evaluation ------------------------------------------------------
     save_checkpoint(out_dir / "ckpt.pt", {"stage": 3, "step": sum(cfg.steps), "model": model_state(model),
                                           "config": asdict(cfg), "model_config": model_config(),
-                                          "lora": model_config()["lora"]}, rt)
+                                          "lora": model_config()["lora"],
+                                          # as in the sub-stages' checkpoints: chat.py needs no data folder
+                                          "tokenizers": {
+                                              "vocab": bert_tok.itos,
+                                              "llm_vocab": llm_tok.wp.itos if hasattr(llm_tok, "wp") else None,
+                                              "llm_model": llm_tok.sp.serialized_model_proto()
+                                              if hasattr(llm_tok, "sp") else None}}, rt)
     save_pictures(out_dir, lambda: {"loss.png": loss_figure({f"sub-stage {s}": r for s, r in results.items()})}, rt)
     metrics = {"stage": 3, "preset": cfg.preset}
     for sub, res in results.items():
@@ -239,4 +259,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

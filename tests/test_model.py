@@ -2,12 +2,13 @@
 masking generators, and the official shapes and parameter counts (meta device)."""
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from model import (InternVideo2, attend, attention_mask, count_params, interpolate_pos_embed_time, random_mask,
-                   sincos_1d, sincos_3d, tube_mask, vision_preset)
+                   sincos_1d, sincos_3d, sinusoid_table, tube_mask, vision_preset)
 
 
 def reference_attention(q, k, v, mask=None, causal=False):
@@ -207,3 +208,12 @@ def test_tube_and_random_masks():
     vis = random_mask(noise, 0.8)
     assert vis.shape == (2, 1 + 64 - int(0.8 * 64)) and torch.all(vis[:, 0] == 0)
     assert torch.all(vis[:, 1:].diff(dim=1) > 0)
+
+
+def test_sinusoid_table_is_the_official_float64_table():
+    # SM/models/videomae.py:160-168 builds the table in numpy float64 and casts it once to float32
+    n, d = 2048, 1408
+    j = np.arange(d)
+    angle = np.arange(n)[:, None] / np.power(10000, 2 * (j // 2) / d)[None]
+    angle[:, 0::2], angle[:, 1::2] = np.sin(angle[:, 0::2]), np.cos(angle[:, 1::2])
+    assert torch.equal(sinusoid_table(n, d), torch.tensor(angle, dtype=torch.float32)[None])

@@ -61,10 +61,10 @@ def test_training_runs_without_matplotlib(toyworld, tmp_path, monkeypatch, capsy
 
 
 def test_resume_is_bit_identical(toyworld, tmp_path):
-    main(_args(toyworld, tmp_path / "a", "--max_steps=6"))
-    main(_args(toyworld, tmp_path / "b", "--max_steps=6", "--stop_after=3"))
+    main(_args(toyworld, tmp_path / "a", "--max_steps=6", "--drop_path=0.2"))
+    main(_args(toyworld, tmp_path / "b", "--max_steps=6", "--stop_after=3", "--drop_path=0.2"))
     assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)["step"] == 3
-    main(_args(toyworld, tmp_path / "b", "--max_steps=6", "--resume", "--workers=1"))
+    main(_args(toyworld, tmp_path / "b", "--max_steps=6", "--resume", "--workers=1", "--drop_path=0.2"))
     a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=False) for d in ("a", "b"))
     assert b["step"] == 6
     for k in a["model"]:

@@ -428,3 +428,17 @@ def test_official_audio_visual_stage2_layout_loads_by_its_shapes():
             torch.testing.assert_close(a, b)
     with pytest.raises(KeyError, match="av_fusion.weight"):
         load_official_stage2({k: v for k, v in state.items() if k != "av_fusion.weight"})
+
+
+def test_resume_is_bit_identical_with_masking_and_drop_path(toyworld, toy_pretrained, tmp_path):
+    # stage 2 draws torch random numbers every step (the 80% video mask, MLM corruption, hard negatives, drop path):
+    # 6 steps == 3 steps + --resume + 3 steps, bit for bit (the loader must not draw from the restored RNG)
+    from train_stage2 import main
+    args = lambda out, *x: _stage2_args(toyworld, out, toy_pretrained["bert"], "--max_steps=6", "--eval=False",
+                                        "--drop_path=0.1", "--batch_size=4", *x)
+    main(args(tmp_path / "a"))
+    main(args(tmp_path / "b", "--stop_after=3"))
+    main(args(tmp_path / "b", "--resume"))
+    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=False) for d in "ab")
+    assert a["step"] == b["step"] == 6
+    assert [k for k in a["model"] if not torch.equal(a["model"][k], b["model"][k])] == []

@@ -174,11 +174,21 @@ def test_short_run_lowers_the_loss_and_chat_answers(toyworld, toy_pretrained, tm
                   "--batch_size=8", "--substage=3", f"--init_from={tmp_path / 'substage2' / 'ckpt.pt'}", "--eval=False"])
     for key in ("substage3_loss_first", "substage3_loss_last"):
         assert alone[key] == pytest.approx(m[key], rel=1e-5), key
+    # and LoRA dropout resumes exactly: 15 steps == 7 + --resume + 8, bit for bit
+    part = lambda *x: main([f"--data={toyworld}", f"--out_dir={tmp_path / 'part'}", f"--qformer_bert={toy_pretrained['bert']}",
+                            f"--llm_ckpt={toy_pretrained['llm']}", "--steps=(15,15,15)", "--frames=(2,2,4)",
+                            "--max_llm_len=64", "--batch_size=8", "--substage=3", "--eval=False",
+                            f"--init_from={tmp_path / 'substage2' / 'ckpt.pt'}", *x])
+    part("--stop_after=7")
+    part("--resume")
+    a, b = (torch.load(d / "substage3" / "ckpt.pt", weights_only=False) for d in (tmp_path / "alone", tmp_path / "part"))
+    assert [k for k in a["model"] if not torch.equal(a["model"][k], b["model"][k])] == []
     import chat
     answer = chat.main([f"--ckpt={tmp_path / 'ckpt.pt'}", f"--video={toyworld / 'videos' / 'val_00000.webp'}",
                         "--question=what color is the object?", "--max_new_tokens=4"])
     assert isinstance(answer, str)
-    with pytest.raises(SystemExit, match="stage-2"):
+    from common import ConfigError
+    with pytest.raises(ConfigError, match="stage-2"):
         torch.save({"stage": 2}, tmp_path / "s2.pt")
         chat.main([f"--ckpt={tmp_path / 's2.pt'}", f"--video={toyworld / 'videos' / 'val_00000.webp'}", "--question=x"])
 
@@ -222,3 +232,94 @@ def test_fsdp_under_torchrun_writes_a_full_checkpoint(toyworld, toy_pretrained, 
     model.load_state_dict(ck["model"])                                    # full tensors, every key
     assert all(type(v) is torch.Tensor for v in ck["model"].values())
     assert (substage == 3) == any("lora_" in k for k in ck["model"])
+
+
+def _videochat2_file(model, peft_prefix="mistral_model.", proj="mistral_proj"):
+    """A stage-3 file written as VideoChat2 writes it (VC2/models/videochat_mistra/videochat2_it_mistral.py:57-156;
+    VC2/tasks/train_it.py:180-187: the trainable tensors only, in {'model': ...}), names spelled out by hand from
+    the BLIP-2 Q-Former (VC2/models/blip2/Qformer.py:52-66, 293-421) and PEFT's LoRA wrapping of a Hugging Face
+    MistralForCausalLM, sizes shrunk to the toy presets."""
+    sd, q = model.state_dict(), {}
+    q["qformer.bert.embeddings.word_embeddings.weight"] = torch.cat([sd["qformer.word_emb.weight"],
+                                                                     torch.randn(1, 96)])   # + [DEC] (blip2.py:28)
+    q["qformer.bert.embeddings.position_embeddings.weight"] = sd["qformer.pos_emb.weight"]
+    q["qformer.bert.embeddings.position_ids"] = torch.arange(64)[None]                      # a persistent buffer
+    for t in ("weight", "bias"):
+        q[f"qformer.bert.embeddings.LayerNorm.{t}"] = sd[f"qformer.emb_norm.{t}"]
+    for i in range(model.qformer.cfg.depth):
+        L, o = f"qformer.bert.encoder.layer.{i}.", f"qformer.layers.{i}."
+        attns = [("attention", "attn")] + ([("crossattention", "cross")] if i % 2 == 0 else [])
+        for theirs, ours in attns:
+            for t in ("weight", "bias"):
+                for a, b in (("query", "q"), ("key", "k"), ("value", "v")):
+                    q[f"{L}{theirs}.self.{a}.{t}"] = sd[f"{o}{ours}.{b}.{t}"]
+                q[f"{L}{theirs}.output.dense.{t}"] = sd[f"{o}{ours}.o.{t}"]
+                q[f"{L}{theirs}.output.LayerNorm.{t}"] = sd[f"{o}{ours}_norm.{t}"]
+        for t in ("weight", "bias"):
+            for suffix, s in (("", ""), ("_query", "_q")):
+                q[f"{L}intermediate{suffix}.dense.{t}"] = sd[f"{o}fc1{s}.{t}"]
+                q[f"{L}output{suffix}.dense.{t}"] = sd[f"{o}fc2{s}.{t}"]
+                q[f"{L}output{suffix}.LayerNorm.{t}"] = sd[f"{o}ffn_norm{s}.{t}"]
+    q["query_tokens"], q["extra_query_tokens"] = sd["qformer.query_tokens"], sd["qformer.extra_query_tokens"]
+    for t in ("weight", "bias"):
+        q[f"{proj}.{t}"] = sd[f"llm_proj.{t}"]
+        q[f"vision_layernorm.{t}"] = sd[f"vision_layernorm.{t}"]
+    q.update({f"vision_encoder.{k[len('vision_encoder.'):]}": v for k, v in sd.items() if k.startswith("vision_encoder.")})
+    for k, v in sd.items():                       # llm.layers.0.self_attn.q_proj.lora_A.weight -> PEFT's name
+        if ".lora_" in k:
+            hf = k[len("llm."):].replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B.default.")
+            hf = hf if hf.startswith("lm_head") else "model." + hf
+            q[f"{peft_prefix}base_model.model.{hf}"] = v
+    return {"model": q, "config": {"model": {"lora_alpha": 8}}, "epoch": 2}
+
+
+@pytest.mark.parametrize("layout", [("mistral_model.", "mistral_proj"), ("lm.", "project_up")])
+def test_videochat2_file_loads_completely_and_computes_the_same(layout):
+    from checkpoints import checkpoint_kind, load_videochat2
+    src = _stage3(vocab=40)
+    add_lora(src.llm, r=4, alpha=8)
+    with torch.no_grad():
+        for n, p in src.named_parameters():
+            if ".lora_B." in n or "vision_layernorm" in n:
+                p.normal_(std=0.1)                                        # trained adapters, a trained norm
+    ck = _videochat2_file(src, *layout)
+    assert checkpoint_kind(ck) == "VideoChat2 / InternVideo2-Chat file"
+    dst = _stage3(vocab=40)
+    torch.manual_seed(1)
+    dst.qformer.query_tokens.data.normal_()                               # make sure nothing is left as it was
+    base = {k.replace(".base.", "."): v for k, v in src.llm.state_dict().items() if ".lora_" not in k}
+    dst.llm.load_state_dict(base)                                         # the frozen LLM: --llm_ckpt's part
+    logs = []
+    report = load_videochat2(dst, ck, log=logs.append)
+    assert set(report["loaded"]) | set(report["skipped"]) == set(ck["model"])          # every key consumed or named
+    assert report["skipped"] == ["qformer.bert.embeddings.position_ids"]
+    assert report["vision"] == "loaded"
+    assert set(report["fresh"]) == {"qformer.lm_dense.weight", "qformer.lm_dense.bias", "qformer.lm_norm.weight",
+                                    "qformer.lm_norm.bias", "qformer.lm_bias", "vision_proj.weight", "vision_proj.bias",
+                                    "text_proj.weight", "text_proj.bias", "itm_head.weight", "itm_head.bias", "temp"}
+    assert any("extra rows are dropped" in m for m in logs) and any("r=4, alpha=8" in m for m in logs)
+    src.eval(), dst.eval()
+    video, ids = torch.randn(2, 3, 8, 32, 32), torch.randint(5, 40, (2, 6))
+    with torch.no_grad():
+        a = src.visual_embeds(src.video_tokens(video), ids, torch.ones_like(ids))
+        b = dst.visual_embeds(dst.video_tokens(video), ids, torch.ones_like(ids))
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+        emb = torch.randn(2, 5, 128)
+        torch.testing.assert_close(src.llm(emb)[0], dst.llm(emb)[0], atol=0, rtol=0)      # the LoRA, lm_head's too
+
+
+def test_videochat2_file_missing_parts_are_refused_by_name():
+    from checkpoints import load_videochat2
+    from common import CheckpointError
+    src = _stage3(vocab=40)
+    add_lora(src.llm, r=4, alpha=8)
+    ck = _videochat2_file(src)
+    del ck["model"]["mistral_model.base_model.model.lm_head.lora_B.default.weight"]
+    with pytest.raises(CheckpointError, match=r"lacks LoRA adapters: llm\.lm_head\.lora_B\.weight"):
+        load_videochat2(_stage3(vocab=40), ck, log=lambda m: None)
+    ck = _videochat2_file(src)
+    ck["model"]["mistral_proj.weight"] = torch.zeros(3, 3)
+    with pytest.raises(CheckpointError, match=r"mistral_proj\.weight \(3, 3\)"):
+        load_videochat2(_stage3(vocab=40), ck, log=lambda m: None)
+    with pytest.raises(CheckpointError, match="not a VideoChat2"):
+        load_videochat2(_stage3(vocab=40), {"model": {"foo.weight": torch.zeros(1)}}, log=lambda m: None)
