@@ -12,6 +12,7 @@ training_loop(DDP(WithLoss(model, the stage's objective from losses.py)), ...) -
 Nothing here imports a stage script.
 """
 import ast
+import atexit
 import datetime
 import difflib
 import inspect
@@ -19,6 +20,9 @@ import json
 import math
 import os
 import re
+import shutil
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -122,9 +126,33 @@ def parse_config(cfg, argv, doc=""):
                 raise ConfigError(f"--{key} needs a value: --{key}=...")
             raw = "True"
         setattr(cfg, key, _convert(key, raw, old))
+    _check_shared(cfg)
     if hasattr(cfg, "validate"):
         cfg.validate()
     return cfg
+
+
+def _check_shared(cfg):
+    """The options every stage has, checked once here (each named, before anything runs)."""
+    positive = ("ckpt_every", "log_every", "batch_size", "grad_accum", "eval_batch", "max_nan_in_a_row", "num_frames")
+    for name in positive:
+        if hasattr(cfg, name):
+            check(getattr(cfg, name) > 0, f"--{name} must be positive, got {getattr(cfg, name)}")
+    for name in ("stop_after", "workers", "max_steps", "weight_decay", "grad_clip"):
+        if hasattr(cfg, name):
+            check(getattr(cfg, name) >= 0, f"--{name} must be >= 0, got {getattr(cfg, name)}")
+    for name in ("lr", "min_lr"):                 # -1 = by preset; any other value must be a real learning rate
+        if hasattr(cfg, name):
+            v = getattr(cfg, name)
+            check(v == -1 or v >= 0 and (v > 0 or name == "min_lr"),
+                  f"--{name} must be positive (or -1 for the preset's), got {v}")
+    if hasattr(cfg, "frame_cache"):
+        check(cfg.frame_cache in ("auto", "on", "off"), f"--frame_cache must be auto, on or off, got {cfg.frame_cache!r}")
+        check(cfg.frame_cache_mb > 0, f"--frame_cache_mb must be positive, got {cfg.frame_cache_mb}")
+    if hasattr(cfg, "device"):
+        d = cfg.device
+        check(d in ("auto", "cpu", "cuda", "mps") or re.fullmatch(r"cuda:\d+", d),
+              f"--device must be auto, cpu, cuda, cuda:N or mps, got {d!r}")
 
 
 def check(ok, msg):
@@ -404,6 +432,11 @@ def train_step(model, micro_batches, optimizer, rt, scaler=None, grad_clip=0.0):
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
         dist.all_reduce(total)
         total /= rt.world
+        if parts:                             # the terms as the total: averaged over ranks, not rank 0's own
+            names = sorted(parts)
+            stacked = torch.stack([torch.as_tensor(parts[k], device=rt.device).float() for k in names])
+            dist.all_reduce(stacked)
+            parts = dict(zip(names, stacked / rt.world))
     ok = bool(finite.item())
     grad_norm = float("nan")
     if ok:
@@ -471,7 +504,8 @@ class NanGuard:
         print(f"step {step}: non-finite loss, step skipped ({self.total} so far)", file=sys.stderr, flush=True)
         if self.in_a_row >= self.limit:
             raise FloatingPointError(f"{self.in_a_row} non-finite losses in a row at step {step}: stopping. "
-                                     f"Lower the lr, or use --dtype=float32 to rule out precision.")
+                                     f"Check the data of these steps, lower the lr, or use --dtype=float32 to "
+                                     f"rule out precision.")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -536,8 +570,14 @@ def save_checkpoint(path, state, rt):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(path.suffix + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, path)
+        try:
+            torch.save(state, tmp)
+            os.replace(tmp, path)
+        except (OSError, RuntimeError) as e:          # a full disk surfaces as either, deep inside torch.save
+            tmp.unlink(missing_ok=True)
+            free = shutil.disk_usage(path.parent).free / 2**20
+            raise CheckpointError(f"cannot write {path} ({type(e).__name__}: {str(e).splitlines()[0][:160]}; "
+                                  f"{free:.0f} MiB free there); the previous checkpoint is intact") from None
     if rt.ddp:
         dist.barrier()
 
@@ -565,14 +605,40 @@ def restore_rng(ckpt, rt):
         print0(f"resume: world size changed ({ckpt.get('world')} -> {rt.world}); RNG re-seeded", rt=rt)
 
 
-def resume(out_dir, model, optimizer, scaler, rt):
-    """Restore <out_dir>/ckpt.pt exactly (weights, optimizer, scaler, RNG of every rank).
-    Returns (step, checkpoint) or (0, None) when there is nothing to resume."""
+# options a resumed run may change: how long, how often to log and save, how to load data, what to evaluate
+SAFE_TO_CHANGE = {"max_steps", "steps", "stop_after", "substage", "log_every", "ckpt_every", "eval", "eval_batch",
+                  "workers", "resume", "overwrite", "out_dir", "init_from", "vision_from", "compile", "skip_bad_samples",
+                  "frame_cache", "frame_cache_mb", "max_nan_in_a_row", "rerank_k"}
+
+
+def config_differences(saved, now):
+    """['--lr: 0.001 in the checkpoint, 0.002 now', ...] for every option that differs and is not safe to change
+    (SAFE_TO_CHANGE). saved, now: config dicts (asdict)."""
+    out = []
+    for k in sorted(set(saved) | set(now)):
+        a, b = saved.get(k), now.get(k)
+        if k not in SAFE_TO_CHANGE and (list(a) if isinstance(a, tuple) else a) != (list(b) if isinstance(b, tuple) else b):
+            out.append(f"--{k}: {a!r} in the checkpoint, {b!r} now")
+    return out
+
+
+def resume(out_dir, model, optimizer, scaler, rt, cfg=None, stage=None):
+    """Restore <out_dir>/ckpt.pt exactly (weights, optimizer, scaler, RNG of every rank), after checking it is this
+    stage's and that its config agrees with `cfg` (a dataclass) on every option not in SAFE_TO_CHANGE
+    (ConfigError naming each difference). Returns (step, checkpoint) or (0, None) when there is nothing to resume."""
     path = Path(out_dir) / "ckpt.pt"
     if not path.exists():
         print0(f"--resume: no {path} yet, starting from scratch", rt=rt)
         return 0, None
     ck = load_checkpoint(path)
+    if stage is not None and ck.get("stage") != stage:
+        raise ConfigError(f"--resume: {path} is a {'stage-%s' % ck['stage'] if ck.get('stage') else 'foreign'} "
+                          f"checkpoint, not a stage-{stage} one")
+    if cfg is not None and ck.get("config"):
+        diff = config_differences(ck["config"], asdict(cfg))
+        if diff:
+            raise ConfigError(f"--resume: {path} was written with other options ({'; '.join(diff)}); run with "
+                              f"those, or start a new run in another --out_dir")
     load_state(model, optimizer, ck)
     if scaler is not None and ck.get("scaler"):
         scaler.load_state_dict(ck["scaler"])
@@ -581,8 +647,94 @@ def resume(out_dir, model, optimizer, scaler, rt):
     return ck["step"], ck
 
 
+def claim_run_dir(out_dir, rt, resume=False, overwrite=False):
+    """One run per folder, and nothing overwritten by accident. Rank 0 takes <out_dir>/run.lock (naming its process;
+    a lock whose process is gone is taken over; our own process may re-enter, as tests and notebooks call main()
+    again), and refuses a new run into a folder that holds another run's results unless --resume or --overwrite.
+    The lock goes when the process exits."""
+    if not rt.master:
+        return
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lock, me = out_dir / "run.lock", f"{os.getpid()} {socket.gethostname()}"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            os.write(fd, f"{me} {datetime.datetime.now().isoformat(timespec='seconds')}\n".encode())
+            os.close(fd)
+            atexit.register(lambda: lock.exists() and lock.read_text().startswith(me) and lock.unlink())
+            break
+        except FileExistsError:
+            owner = lock.read_text().split()
+            if owner[:2] == me.split():
+                break                                                  # this process, an earlier main() call
+            pid, host = (int(owner[0]), owner[1]) if len(owner) >= 2 and owner[0].isdigit() else (0, "")
+            if host == socket.gethostname() and not _alive(pid):
+                lock.unlink(missing_ok=True)                           # left by a killed run: take it over
+                continue
+            raise ConfigError(f"--out_dir={out_dir} is in use by process {pid} on {host or '?'} ({lock}); wait for "
+                              f"it, use another --out_dir, or delete {lock} if that run is gone")
+    if resume or overwrite:
+        return
+    results = [p for p in [out_dir / "ckpt.pt", out_dir / "metrics.json", *sorted(out_dir.glob("substage*/ckpt.pt"))]
+               if p.exists()]
+    if results:
+        raise ConfigError(f"--out_dir={out_dir} holds another run ({', '.join(str(p) for p in results)}): continue "
+                          f"it with --resume, replace it with --overwrite, or choose another --out_dir")
+
+
+def finished_run(out_dir, step, max_steps, rt):
+    """--resume of a run that already reached max_steps: its metrics.json, untouched, instead of a run of no steps
+    (whose summary would have no losses). None when there is still something to do."""
+    path = Path(out_dir) / "metrics.json"
+    if step < max_steps or step == 0 or not path.exists():
+        return None
+    print0(f"--resume: {out_dir} finished at step {step} already (max_steps {max_steps}); its metrics: {path}", rt=rt)
+    cleanup(rt)
+    return json.loads(path.read_text())
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+class StopSignal:
+    """SIGINT / SIGTERM during training: finish the step, save a checkpoint, stop cleanly (a second Ctrl-C kills at
+    once). Under DDP the ranks agree each step (one all-reduce of a flag), so all of them save together."""
+
+    def __enter__(self):
+        self.hit, self.old = 0, {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self.old[sig] = signal.signal(sig, self._handle)
+            except ValueError:                                 # not the main thread (a notebook kernel thread)
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.hit = signum
+        signal.signal(signum, self.old.get(signum, signal.SIG_DFL))
+
+    def stop_now(self, rt):
+        flag = torch.tensor(float(self.hit), device=rt.device)
+        if rt.ddp:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        self.hit = int(flag.item())
+        return bool(self.hit)
+
+    def __exit__(self, *exc):
+        for sig, old in self.old.items():
+            signal.signal(sig, old)
+
+
 def training_loop(model, optimizer, loader, rt, cfg, *, step, lr_at, scaler, log, save, desc, clips_per_step,
-                  nan_skips=0, progress=True):
+                  nan_skips=0, progress=True, bad_lines=0):
     """The loop every stage runs: set lr -> grad_accum micro-batches -> train_step -> NaN guard ->
     progress bar (loss terms, lr, clips/s) -> log.txt every cfg.log_every -> checkpoint every
     cfg.ckpt_every and at the end. Stops at cfg.max_steps, or earlier at cfg.stop_after.
@@ -595,27 +747,40 @@ def training_loop(model, optimizer, loader, rt, cfg, *, step, lr_at, scaler, log
     timer, n_bad, history, parts_history = Timer(rt.device), 0, [], []
     bar = tqdm(total=last, initial=step, desc=desc, disable=not (rt.master and progress), file=sys.stdout, dynamic_ncols=True,
                mininterval=0.5)
-    while step < last:
-        lr = lr_at(step)
-        set_lr(optimizer, lr)
-        micro = [next(loader) for _ in range(cfg.grad_accum)]
-        n_bad += sum(b["n_bad"] for b in micro)
-        loss, parts, gnorm, ok = train_step(model, micro, optimizer, rt, scaler, cfg.grad_clip)
-        guard.update(ok, step)
-        step += 1
-        dt = timer.lap()
-        history.append(loss)
-        parts_history.append(parts)
-        bar.update(1)
-        bar.set_postfix_str(" ".join(f"{k} {v:.3f}" for k, v in parts.items())
-                            + f" lr {lr:.1e} {clips_per_step / dt:.0f} clips/s")
-        if step % cfg.log_every == 0 or step == last:
-            log(f"step {step}/{cfg.max_steps} | loss {loss:.4f} (" + " ".join(f"{k} {v:.4f}" for k, v in parts.items())
-                + f") | lr {lr:.2e} | grad norm {gnorm:.3f} | {dt * 1000:.0f} ms | {clips_per_step / dt:.1f} clips/s")
-        if step % cfg.ckpt_every == 0 or step == last:
-            save(step, guard.total)
+    with StopSignal() as stop:
+        while step < last:
+            if stop.stop_now(rt):
+                save(step, guard.total)
+                bar.close()
+                name = signal.Signals(stop.hit).name
+                log(f"{name} at step {step}: checkpoint saved, stopped")
+                print0(f"\n{name}: checkpoint saved at step {step}; continue with --resume", rt=rt)
+                cleanup(rt)
+                sys.exit(128 + stop.hit)
+            lr = lr_at(step)
+            set_lr(optimizer, lr)
+            micro = [next(loader) for _ in range(cfg.grad_accum)]
+            n_bad += sum(b["n_bad"] for b in micro)
+            loss, parts, gnorm, ok = train_step(model, micro, optimizer, rt, scaler, cfg.grad_clip)
+            guard.update(ok, step)
+            step += 1
+            dt = timer.lap()
+            history.append(loss)
+            parts_history.append(parts)
+            bar.update(1)
+            bar.set_postfix_str(" ".join(f"{k} {v:.3f}" for k, v in parts.items())
+                                + f" lr {lr:.1e} {clips_per_step / dt:.0f} clips/s")
+            if step % cfg.log_every == 0 or step == last:
+                log(f"step {step}/{cfg.max_steps} | loss {loss:.4f} (" + " ".join(f"{k} {v:.4f}" for k, v in parts.items())
+                    + f") | lr {lr:.2e} | grad norm {gnorm:.3f} | {dt * 1000:.0f} ms | {clips_per_step / dt:.1f} clips/s")
+            if step % cfg.ckpt_every == 0 or step == last:
+                save(step, guard.total)
     bar.close()
-    return {"history": history, "parts": parts_history, "n_bad": n_bad, "step": step, "nan_skips": guard.total}
+    if n_bad or bad_lines:
+        print0(f"skipped {n_bad} unreadable samples (replaced by the next readable one) and {bad_lines} malformed "
+               f"lines of the sample file (each named on stderr)", rt=rt)
+    return {"history": history, "parts": parts_history, "n_bad": n_bad, "bad_lines": bad_lines, "step": step,
+            "nan_skips": guard.total}
 
 
 def run_summary(result, max_steps):
@@ -624,7 +789,8 @@ def run_summary(result, max_steps):
     h, parts = result["history"], result.get("parts", [])
     out = {"steps": result["step"], "loss_first": h[0] if h else None,
            "loss_last": sum(h[-10:]) / len(h[-10:]) if h else None,
-           "nan_skips": result["nan_skips"], "bad_samples": result["n_bad"], "finished": result["step"] == max_steps}
+           "nan_skips": result["nan_skips"], "bad_samples": result["n_bad"], "bad_lines": result.get("bad_lines", 0),
+           "finished": result["step"] == max_steps}
     for k in (parts[0] if parts else {}):
         out[f"loss_first_{k}"] = parts[0][k]
         out[f"loss_last_{k}"] = sum(p[k] for p in parts[-10:]) / len(parts[-10:])
@@ -657,7 +823,7 @@ class RunLog:
         if not rt.master:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a" if resume else "w") as f:
+        with open(self.path, "a") as f:                      # appended, never truncated: each run has its header
             f.write(f"# {datetime.datetime.now().isoformat(timespec='seconds')} {' '.join(sys.argv)}\n")
             f.write(f"# git {git_commit()} | torch {torch.__version__} | device {device_name(rt.device)} "
                     f"| dtype {rt.dtype} | world {rt.world}{' (DDP)' if rt.ddp else ''}\n")
@@ -682,11 +848,26 @@ def finish(out_dir, metrics, rt, show, log=None):
     return metrics
 
 
+def _finite_or_none(obj, bad):
+    """JSON has no NaN or inf: such floats become null, their keys collected in `bad`."""
+    if isinstance(obj, dict):
+        return {k: (bad.append(k) or None) if isinstance(v, float) and not math.isfinite(v) else _finite_or_none(v, bad)
+                for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [None if isinstance(v, float) and not math.isfinite(v) else _finite_or_none(v, bad) for v in obj]
+    return obj
+
+
 def write_json(path, obj):
+    """Strict JSON, written atomically: non-finite numbers are written as null and named under "_non_finite"."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    bad = []
+    obj = _finite_or_none(json.loads(json.dumps(obj, default=float)), bad)
+    if bad and isinstance(obj, dict):
+        obj["_non_finite"] = f"NaN or inf, written as null: {', '.join(bad)}"
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=float))
+    tmp.write_text(json.dumps(obj, indent=1, allow_nan=False))
     os.replace(tmp, path)
 
 

@@ -416,6 +416,9 @@ def video_transform(frames, size, train, rng=None, scale=(0.5, 1.0), hflip=False
 TEXT_KEYS = ("caption", "audio_caption", "asr", "avs_caption")
 
 
+FRAME_CACHE = {"auto": None, "on": True, "off": False}     # the stage scripts' --frame_cache -> VideoTextDataset(cache=)
+
+
 class VideoTextDataset(torch.utils.data.Dataset):
     """Reads the JSONL format. Item (index or (index, epoch)) -> dict with
     video (3, T, S, S), idx, id, n_bad, the text fields present, attrs/qa when present, and

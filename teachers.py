@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from checkpoints import key_names, released_state
+from common import CheckpointError
 from model import (Attention, AttentionPool, Block, PatchEmbed, PoolCrossAttention, VisionConfig, count_params,
                    patch_index, preset, sincos_2d, sinusoid_table, tube_mask)
 
@@ -211,7 +212,7 @@ def load_teacher(kind, preset, path, **overrides):
     bad_shape = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
                  for k in own if k in state and state[k].shape != own[k].shape]
     if missing or bad_shape:
-        raise KeyError(f"{path} does not fit the {preset} {kind} teacher: missing {missing[:20]}"
+        raise CheckpointError(f"{path} does not fit the {preset} {kind} teacher: missing {missing[:20]}"
                        f"{' ...' if len(missing) > 20 else ''}; wrong shapes {bad_shape[:20]}")
     unexpected = [k for k in state if k not in own]
     if unexpected:

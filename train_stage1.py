@@ -19,10 +19,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from checkpoints import TOYS, check_init_from, stage1_student_state
-from common import (cli, RunLog, WithLoss, barrier, build_optimizer, by_preset, check, compile_blocks, cosine_lr,
-                    distribute, finish, load_checkpoint, load_state, model_state, optimizer_state, parse_config,
-                    pick_dtype, print0, resume, run_summary, save_checkpoint, setup_runtime, shard, training_loop)
-from data import TOYWORLD, VideoTextDataset, prepare_toyworld, train_loader
+from common import (RunLog, WithLoss, barrier, build_optimizer, by_preset, check, claim_run_dir, cli, compile_blocks,
+                    cosine_lr, distribute, finish, finished_run, load_checkpoint, load_state, model_state,
+                    optimizer_state, parse_config, pick_dtype, print0, resume, run_summary, save_checkpoint,
+                    setup_runtime, shard, training_loop)
+from data import FRAME_CACHE, TOYWORLD, VideoTextDataset, prepare_toyworld, train_loader
 from evaluate import evaluate_stage1
 from losses import stage1_objective
 from model import MASK_TYPES, VISION_PRESETS, InternVideo2, count_params, param_table, vision_preset
@@ -35,6 +36,9 @@ class Stage1Config:
     # data
     data: str = TOYWORLD            # folder with train.jsonl and val.jsonl (ToyWorld is generated if missing)
     skip_bad_samples: bool = False  # replace unreadable samples by the next one, count and report them
+    frame_cache: str = "auto"       # decoded frames kept in memory, shrunk to what training needs: auto (datasets up
+                                    # to 5000 clips) | on | off
+    frame_cache_mb: int = 2048      # the cache's budget per process (x workers x ranks); later clips are decoded again
     workers: int = 1                # DataLoader worker processes
     hflip: bool = False             # random horizontal flip (the official flips; ToyWorld's directions forbid it)
     crop_scale: float = 0.6         # smallest crop area fraction of the random resized crop (1.0 = no crop)
@@ -80,6 +84,7 @@ class Stage1Config:
     out_dir: str = "out/stage1"     # ckpt.pt, log.txt, metrics.json
     init_from: str = ""             # start from this checkpoint's student weights (not its optimizer)
     resume: bool = False            # continue <out_dir>/ckpt.pt exactly (model, optimizer, step, RNG, data)
+    overwrite: bool = False         # start anew in an --out_dir that holds another run (its files are replaced)
     ckpt_every: int = 100           # steps between checkpoints (and at the end)
     stop_after: int = 0             # stop after this step without finishing the schedule (0 = off)
     log_every: int = 10             # steps between log.txt lines
@@ -110,12 +115,15 @@ class Stage1Config:
         check(0.0 <= self.mask_ratio < 1.0, f"--mask_ratio must be in [0, 1), got {self.mask_ratio}")
         base = VISION_PRESETS[self.preset]
         self.img_size = self.img_size or base.img_size
+        check(self.img_size % VISION_PRESETS[self.preset].patch_size == 0, f"--img_size must be a multiple of the {self.preset} preset's "
+              f"{VISION_PRESETS[self.preset].patch_size} px patches, got {self.img_size}")
         self.drop_path = base.drop_path if self.drop_path < 0 else self.drop_path
 
 
 def main(argv=None):
     cfg = parse_config(Stage1Config(), sys.argv[1:] if argv is None else argv, __doc__)
     rt = setup_runtime(cfg.device, cfg.dtype, cfg.seed)
+    claim_run_dir(cfg.out_dir, rt, cfg.resume, cfg.overwrite)
     out_dir = Path(cfg.out_dir)
 
     # ---- data ---------------------------------------------------------------------------------
@@ -123,7 +131,8 @@ def main(argv=None):
     vcfg = vision_preset(cfg.preset, num_frames=cfg.num_frames, img_size=cfg.img_size, drop_path=cfg.drop_path)
     T, Np = vcfg.grid[0], vcfg.grid[1] * vcfg.grid[2]
     train_set = VideoTextDataset(Path(cfg.data) / "train.jsonl", 2 * cfg.num_frames, vcfg.img_size, train=True,
-                                 seed=cfg.seed, skip_bad=cfg.skip_bad_samples, noise_grid=(T, Np),
+                                 seed=cfg.seed, skip_bad=cfg.skip_bad_samples,
+                                 cache=FRAME_CACHE[cfg.frame_cache], cache_mb=cfg.frame_cache_mb, noise_grid=(T, Np),
                                  crop_scale=(cfg.crop_scale, 1.0), hflip=cfg.hflip)
 
     # ---- teachers (frozen, outside the student) ------------------------------------------------
@@ -169,7 +178,9 @@ def main(argv=None):
     optimizer = build_optimizer(student, cfg.lr * lr_scale, cfg.weight_decay, (0.9, cfg.beta2), 1e-6,
                                 student.no_weight_decay(), rt.device.type)
     scaler = rt.make_scaler()
-    step, ck = resume(out_dir, student, optimizer, scaler, rt) if cfg.resume else (0, None)
+    step, ck = resume(out_dir, student, optimizer, scaler, rt, cfg, stage=1) if cfg.resume else (0, None)
+    if cfg.resume and (done := finished_run(out_dir, step, cfg.max_steps, rt)) is not None:
+        return done
     if cfg.init_from and not cfg.resume:
         ck0 = load_checkpoint(cfg.init_from)
         check_init_from(ck0, cfg.init_from, ("stage-1 checkpoint", "released stage-1 module"), stage=1)
@@ -196,9 +207,8 @@ def main(argv=None):
     result = training_loop(
         model, optimizer, loader, rt, cfg, step=step, scaler=scaler, log=log, save=save, desc="stage 1",
         lr_at=lambda s: cosine_lr(s, cfg.max_steps, cfg.warmup_steps, cfg.lr, cfg.min_lr) * lr_scale,
-        clips_per_step=global_batch, nan_skips=ck.get("nan_skips", 0) if ck else 0)
-    if result["n_bad"]:
-        print0(f"skipped {result['n_bad']} bad samples (+ {train_set.n_bad_lines} malformed lines)", rt=rt)
+        clips_per_step=global_batch, bad_lines=train_set.n_bad_lines,
+        nan_skips=ck.get("nan_skips", 0) if ck else 0)
 
     save_pictures(out_dir, lambda: {"loss.png": loss_figure({"stage 1": result}),
                                     "masks.png": stage1_mask_figure(teachers, train_set[0], vcfg.grid, cfg.mask_ratio)},

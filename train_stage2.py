@@ -21,10 +21,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from checkpoints import check_init_from, TOYS, key_names, load_beats, load_bert, load_video_encoder
-from common import (cli, RunLog, WithLoss, barrier, build_optimizer, by_preset, check, compile_blocks, cosine_lr,
-                    distribute, finish, load_checkpoint, model_state, optimizer_state, parse_config, print0, resume,
-                    run_summary, save_checkpoint, setup_runtime, training_loop)
-from data import TOYWORLD, VideoTextDataset, WordPieceTokenizer, prepare_toyworld, stage2_fields, train_loader
+from common import (RunLog, WithLoss, barrier, build_optimizer, by_preset, check, claim_run_dir, cli, compile_blocks,
+                    cosine_lr, distribute, finish, finished_run, load_checkpoint, model_state, optimizer_state,
+                    parse_config, print0, resume, run_summary, save_checkpoint, setup_runtime, training_loop)
+from data import (FRAME_CACHE, TOYWORLD, VideoTextDataset, WordPieceTokenizer, prepare_toyworld, stage2_fields,
+                  train_loader)
 from losses import AUDIO_LOSSES, STAGE2_LOSSES, stage2_objective
 from model import VISION_PRESETS, Stage2Model, audio_preset, param_table, text_preset, vision_preset
 from plots import loss_figure, save_pictures, stage2_similarity_figure
@@ -38,6 +39,9 @@ class Stage2Config:
     vocab: str = ""                 # BERT vocab.txt; "" = <data>/vocab.txt (ToyWorld writes one)
     max_text_len: int = 0           # tokens per caption with [CLS]/[SEP]; 0 = by preset
     skip_bad_samples: bool = False  # replace unreadable samples by the next one, count and report them
+    frame_cache: str = "auto"       # decoded frames kept in memory, shrunk to what training needs: auto (datasets up
+                                    # to 5000 clips) | on | off
+    frame_cache_mb: int = 2048      # the cache's budget per process (x workers x ranks); later clips are decoded again
     workers: int = 1                # DataLoader worker processes
     hflip: bool = False             # random horizontal flip (the official flips; ToyWorld's directions forbid it)
     crop_scale: float = 0.8         # smallest random-resized-crop area (official 0.5)
@@ -85,6 +89,7 @@ class Stage2Config:
     seed: int = 0                   # seeds init, data order, augmentation and masks
     out_dir: str = "out/stage2"     # ckpt.pt, log.txt, metrics.json
     resume: bool = False            # continue <out_dir>/ckpt.pt exactly
+    overwrite: bool = False         # start anew in an --out_dir that holds another run (its files are replaced)
     ckpt_every: int = 200           # steps between checkpoints (and at the end)
     stop_after: int = 0             # stop after this step without finishing the schedule (0 = off)
     log_every: int = 10             # steps between log.txt lines
@@ -120,6 +125,8 @@ class Stage2Config:
         by_preset(self, self.BY_PRESET, 0 if self.preset == "toy" else (2 if self.audio != "none" else 1))
         base = VISION_PRESETS[self.preset]                  # img_size and drop_path: the preset's
         self.img_size = self.img_size or base.img_size
+        check(self.img_size % VISION_PRESETS[self.preset].patch_size == 0, f"--img_size must be a multiple of the {self.preset} preset's "
+              f"{VISION_PRESETS[self.preset].patch_size} px patches, got {self.img_size}")
         self.drop_path = base.drop_path if self.drop_path < 0 else self.drop_path
         self.captions = ",".join(f"{k}:{v}" for k, v in {**self.caption_map(), **dict(pairs)}.items())
         check(0.0 <= self.mask_ratio < 1.0, f"--mask_ratio must be in [0, 1), got {self.mask_ratio}")
@@ -138,6 +145,7 @@ class Stage2Config:
 def main(argv=None):
     cfg = parse_config(Stage2Config(), sys.argv[1:] if argv is None else argv, __doc__)
     rt = setup_runtime(cfg.device, cfg.dtype, cfg.seed)
+    claim_run_dir(cfg.out_dir, rt, cfg.resume, cfg.overwrite)
     out_dir = Path(cfg.out_dir)
 
     # ---- data ---------------------------------------------------------------------------------
@@ -152,7 +160,8 @@ def main(argv=None):
     audio_frames = acfg.frames if acfg and any(n in AUDIO_LOSSES for n in weights) else 0
     T, Np = vcfg.grid[0], vcfg.grid[1] * vcfg.grid[2]
     train_set = VideoTextDataset(Path(cfg.data) / "train.jsonl", cfg.num_frames, vcfg.img_size, train=True,
-                                 seed=cfg.seed, skip_bad=cfg.skip_bad_samples, noise_grid=(T, Np),
+                                 seed=cfg.seed, skip_bad=cfg.skip_bad_samples,
+                                 cache=FRAME_CACHE[cfg.frame_cache], cache_mb=cfg.frame_cache_mb, noise_grid=(T, Np),
                                  crop_scale=(cfg.crop_scale, 1.0), hflip=cfg.hflip,
                                  extra=stage2_fields(tok, keys, cfg.max_text_len, audio_frames, True,
                                                      cfg.resample_audio))
@@ -190,7 +199,9 @@ def main(argv=None):
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, (0.9, cfg.beta2), 1e-8, model.no_weight_decay(),
                                 rt.device.type)
     scaler = rt.make_scaler()
-    step, ck = resume(out_dir, model, optimizer, scaler, rt) if cfg.resume else (0, None)
+    step, ck = resume(out_dir, model, optimizer, scaler, rt, cfg, stage=2) if cfg.resume else (0, None)
+    if cfg.resume and (done := finished_run(out_dir, step, cfg.max_steps, rt)) is not None:
+        return done
     log = RunLog(out_dir, cfg, rt, resume=step > 0)
     global_batch = cfg.batch_size * rt.world
     print0(f"stage 2: vision {cfg.preset}, text {cfg.text}, audio {cfg.audio}"
@@ -223,7 +234,8 @@ def main(argv=None):
         result = training_loop(
             wrapped, optimizer, loader, rt, cfg, step=step, scaler=scaler, log=log, save=save, desc="stage 2",
             lr_at=lambda s: cosine_lr(s, cfg.max_steps, cfg.warmup_steps, cfg.lr, floor, start_lr=floor),
-            clips_per_step=global_batch, nan_skips=ck.get("nan_skips", 0) if ck else 0)
+            clips_per_step=global_batch, bad_lines=train_set.n_bad_lines,
+            nan_skips=ck.get("nan_skips", 0) if ck else 0)
 
     held_out = lambda: VideoTextDataset(Path(cfg.data) / "val.jsonl", cfg.num_frames, vcfg.img_size, train=False,
                                         extra=stage2_fields(tok, ["caption"], cfg.max_text_len, train=False))

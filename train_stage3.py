@@ -28,11 +28,12 @@ from types import SimpleNamespace
 import torch
 
 from checkpoints import TOYS, check_init_from, load_llm, load_video_encoder, load_videochat2, qformer_from_bert
-from common import (cli, RunLog, WithLoss, barrier, build_optimizer, by_preset, check, cleanup, compile_blocks, cosine_lr,
-                    distribute, finish, load_checkpoint, model_state, optimizer_state, parse_config, print0, resume,
-                    run_summary, save_checkpoint, setup_runtime, shard, store_frozen, training_loop)
-from data import (TOYWORLD, VideoTextDataset, WordPieceTokenizer, load_llm_tokenizer, prepare_toyworld, stage3_fields,
-                  train_loader, video_index)
+from common import (RunLog, WithLoss, barrier, build_optimizer, by_preset, check, claim_run_dir, cleanup, cli,
+                    compile_blocks, cosine_lr, distribute, finish, load_checkpoint, model_state,
+                    optimizer_state, parse_config, print0, resume, run_summary, save_checkpoint, setup_runtime, shard,
+                    store_frozen, training_loop)
+from data import (FRAME_CACHE, TOYWORLD, VideoTextDataset, WordPieceTokenizer, load_llm_tokenizer, prepare_toyworld,
+                  stage3_fields, train_loader, video_index)
 from losses import stage3_objective
 from model import (LLM_PRESETS, QFORMER_PRESETS, VISION_PRESETS, Stage3Model, add_lora, lora_config, param_table, text_preset,
                    vision_preset)
@@ -49,6 +50,9 @@ class Stage3Config:
     max_text_len: int = 24          # Q-Former text tokens (instruction, caption)
     max_llm_len: int = 0            # LLM sequence length; 0 = by preset
     skip_bad_samples: bool = False  # replace unreadable samples by the next one, count and report them
+    frame_cache: str = "auto"       # decoded frames kept in memory, shrunk to what training needs: auto (datasets up
+                                    # to 5000 clips) | on | off
+    frame_cache_mb: int = 2048      # the cache's budget per process (x workers x ranks); later clips are decoded again
     workers: int = 0                # DataLoader worker processes
     crop_scale: float = 0.8         # smallest random-resized-crop area
     # model
@@ -85,6 +89,7 @@ class Stage3Config:
     seed: int = 0
     out_dir: str = "out/stage3"     # substage<k>/ckpt.pt + log.txt, ckpt.pt, metrics.json
     resume: bool = False            # skip finished sub-stages and continue the current one exactly
+    overwrite: bool = False         # start anew in an --out_dir that holds another run (its files are replaced)
     ckpt_every: int = 200           # steps between checkpoints (and at the end of each sub-stage)
     stop_after: int = 0             # stop the current sub-stage after this step (0 = off)
     log_every: int = 10             # steps between log.txt lines
@@ -108,6 +113,8 @@ class Stage3Config:
               "LoRA and the frame count change the parameters between sub-stages")
         by_preset(self, self.BY_PRESET, 0 if self.preset == "toy" else 1)
         self.img_size = self.img_size or VISION_PRESETS[self.preset].img_size
+        check(self.img_size % VISION_PRESETS[self.preset].patch_size == 0, f"--img_size must be a multiple of the {self.preset} preset's "
+              f"{VISION_PRESETS[self.preset].patch_size} px patches, got {self.img_size}")
         check(len(self.lrs) == 3, "--lrs wants three learning rates")
         check(len(self.frames) == 3 and all(f > 0 for f in self.frames), "--frames wants three frame counts")
 
@@ -115,6 +122,7 @@ class Stage3Config:
 def main(argv=None):
     cfg = parse_config(Stage3Config(), sys.argv[1:] if argv is None else argv, __doc__)
     rt = setup_runtime(cfg.device, cfg.dtype, cfg.seed)
+    claim_run_dir(cfg.out_dir, rt, cfg.resume, cfg.overwrite)
     out_dir = Path(cfg.out_dir)
     prepare_toyworld(cfg.data, rt)
 
@@ -196,7 +204,7 @@ def main(argv=None):
         optimizer = build_optimizer(model, cfg.lrs[sub - 1], cfg.weight_decay, (0.9, 0.999), 1e-8,
                                     {"temp"}, rt.device.type)
         scaler = rt.make_scaler()
-        step, ck = resume(sub_dir, model, optimizer, scaler, rt) if cfg.resume else (0, None)
+        step, ck = resume(sub_dir, model, optimizer, scaler, rt, cfg, stage=3) if cfg.resume else (0, None)
         if step >= scfg.max_steps:
             print0(f"sub-stage {sub} already finished ({sub_dir / 'ckpt.pt'})", rt=rt)
             continue
@@ -205,6 +213,7 @@ def main(argv=None):
         print0(f"stage 3, sub-stage {sub}: {trainable / 1e6:.2f}M trainable\n{param_table(model)}", rt=rt)
         train_set = VideoTextDataset(Path(cfg.data) / "train.jsonl", cfg.frames[sub - 1], vcfg.img_size, train=True,
                                      seed=cfg.seed + sub, skip_bad=cfg.skip_bad_samples,
+                                     cache=FRAME_CACHE[cfg.frame_cache], cache_mb=cfg.frame_cache_mb,
                                      crop_scale=(cfg.crop_scale, 1.0),
                                      extra=stage3_fields(llm_tok, bert_tok, sub, n_visual, cfg.max_llm_len,
                                                          cfg.max_text_len))
@@ -228,7 +237,8 @@ def main(argv=None):
         lr, total = cfg.lrs[sub - 1], scfg.max_steps
         results[sub] = training_loop(
             wrapped, optimizer, loader, rt, scfg, step=step, scaler=scaler, log=log, save=save,
-            desc=f"stage 3.{sub}", clips_per_step=global_batch, nan_skips=ck.get("nan_skips", 0) if ck else 0,
+            desc=f"stage 3.{sub}", clips_per_step=global_batch, bad_lines=train_set.n_bad_lines,
+            nan_skips=ck.get("nan_skips", 0) if ck else 0,
             lr_at=lambda s: cosine_lr(s, total, int(cfg.warmup_frac * total), lr, cfg.min_lr_ratio * lr))
         if results[sub]["step"] < total:                     # --stop_after: stop here, resume later
             cleanup(rt)
