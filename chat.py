@@ -2,49 +2,160 @@
 
     python chat.py --ckpt=out/stage3/ckpt.pt --video=data/toyworld/videos/val_00003.webp \\
         --question="what color is the object?"
-    python chat.py --ckpt=out/stage3/ckpt.pt --video=my_clip.mp4                  # interactive
+    python chat.py --ckpt=out/stage3/ckpt.pt --video=my_clip.mp4                  # interactive (Ctrl-D ends)
     python chat.py ... --temperature=0.7 --top_p=0.9                               # sampling, not greedy
 
 The video is read and sampled like a held-out clip (middle frame of each segment, resized,
-ImageNet-normalised); the answer is decoded with the KV cache, LoRA merged into the LLM.
+ImageNet-normalised); the answer is decoded with the KV cache, LoRA merged into the LLM. The checkpoint
+carries its tokenizers (train_stage3.py saves them), so it needs no data folder; an older checkpoint
+finds them where it was trained (paths as recorded, or relative to the checkpoint's folder and the folders
+above it), or through --vocab and --llm_tokenizer.
 """
-import argparse
+import sys
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from common import load_checkpoint, pick_device
-from data import WordPieceTokenizer, frame_indices, load_llm_tokenizer, read_frames, video_index, video_transform
+from checkpoints import checkpoint_kind, key_names
+from common import CheckpointError, ConfigError, check, cli, load_checkpoint, parse_config, pick_device
+from data import (DataError, WordPieceTokenizer, build_chat, frame_indices, load_llm_tokenizer, read_frames,
+                  video_index, video_transform)
 from evaluate import answer_questions
 from model import Stage3Model, merge_lora
 
 
+@dataclass
+class ChatConfig:
+    ckpt: str = "out/stage3/ckpt.pt"   # a stage-3 checkpoint (train_stage3.py; a sub-stage's works too)
+    video: str = ""                 # required: the clip, a frame folder, GIF, WebP, or mp4 (PyAV)
+    question: str = ""              # one question, answered and printed; omit for an interactive chat
+    temperature: float = 0.0        # 0 = greedy; > 0 samples
+    top_p: float = 1.0              # nucleus sampling: the smallest set of tokens reaching this mass, in (0, 1]
+    max_new_tokens: int = 24        # answer length cap, >= 1
+    max_llm_len: int = 0            # prompt tokens allowed (chat format, video slots, question); 0 = the checkpoint's
+    vocab: str = ""                 # BERT vocab.txt for the Q-Former; "" = the one saved in the checkpoint
+    llm_tokenizer: str = ""         # toy:<vocab.txt> | sentencepiece:<file> | tiktoken:<name>; "" = the checkpoint's
+    device: str = "auto"            # auto | cpu | cuda | cuda:N | mps
+
+    def validate(self):
+        check(self.video, "--video is required: a frame folder, GIF, WebP or mp4 to ask about")
+        check(Path(self.video).exists(), f"--video={self.video}: no such file or folder")
+        check(Path(self.ckpt).is_file(), f"--ckpt={self.ckpt}: no such file (train_stage3.py writes "
+                                         f"<out_dir>/ckpt.pt, out/stage3/ckpt.pt by default)")
+        check(self.max_new_tokens >= 1, f"--max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        check(self.temperature >= 0, f"--temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        check(0 < self.top_p <= 1, f"--top_p must be in (0, 1], got {self.top_p}")
+        check(self.max_llm_len >= 0, f"--max_llm_len must be >= 0 (0 = the checkpoint's), got {self.max_llm_len}")
+
+
+def read_chat_checkpoint(path):
+    """A stage-3 checkpoint file -> its dict; ConfigError naming --ckpt and what the file is for anything else
+    (CheckpointError from load_checkpoint for a file that is no checkpoint at all)."""
+    ck = load_checkpoint(path)
+    kind = checkpoint_kind(ck)
+    check(kind == "stage-3 checkpoint" and "model_config" in ck,
+          f"--ckpt={path} is " + ("no checkpoint of a layout we know" if kind == "unknown" else
+                                  f"{'an' if kind == 'LLM' else 'a'} {kind}")
+          + "; chat needs a stage-3 checkpoint (train_stage3.py)")
+    return ck
+
+
+def chat_model(ck, device, name="--ckpt"):
+    """A stage-3 checkpoint dict -> the model in eval mode with LoRA merged."""
+    model = Stage3Model.from_config(ck["model_config"])
+    own, state = model.state_dict(), ck["model"]
+    missing, unexpected = [k for k in own if k not in state], [k for k in state if k not in own]
+    shapes = [k for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:                      # e.g. written by another version of the code
+        raise CheckpointError(f"{name}: its weights do not fit the model its model_config builds: missing "
+                              f"{key_names(missing)}; unexpected {key_names(unexpected)}; "
+                              f"other shapes {key_names(shapes)}")
+    model.load_state_dict(state)
+    merge_lora(model.llm)
+    return model.to(device).eval()
+
+
 def load_chat_model(ckpt_path, device):
     """A stage-3 checkpoint -> (model in eval mode with LoRA merged, its config dict)."""
-    ck = load_checkpoint(ckpt_path)
-    if ck.get("stage") != 3:
-        raise SystemExit(f"{ckpt_path} is a stage-{ck.get('stage')} checkpoint; chat needs stage 3 (train_stage3.py)")
-    model = Stage3Model.from_config(ck["model_config"])
-    model.load_state_dict(ck["model"])
-    merge_lora(model.llm)
-    return model.to(device).eval(), ck["config"]
+    ck = read_chat_checkpoint(ckpt_path)
+    return chat_model(ck, device, f"--ckpt={ckpt_path}"), ck["config"]
+
+
+def _find(recorded, ckpt_path):
+    """A path recorded by the training run, relative to the folder it ran in: as written, else relative to
+    the checkpoint's folder or a folder above it (out/stage3/ckpt.pt -> the repository root). None if absent."""
+    p = Path(recorded)
+    here = Path(ckpt_path).resolve().parent
+    bases = [Path()] if p.is_absolute() else [Path(), here, *here.parents]
+    return next((b / p for b in bases if (b / p).exists()), None)
+
+
+def _from_saved(make, name, content):
+    """Build a tokenizer whose constructor reads a file from the text or bytes saved in the checkpoint
+    (the constructors read the whole file, so the temporary copy can go right after)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / name
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            path.write_text("".join(t + "\n" for t in content), encoding="utf-8")   # itos <-> lines, exactly
+        return make(path)
+
+
+def chat_tokenizers(ck, ckpt_path, vocab="", llm_tokenizer=""):
+    """(BERT WordPiece tokenizer, LLM tokenizer) of a stage-3 checkpoint: the --vocab / --llm_tokenizer
+    overrides, else the ones saved in it (ck["tokenizers"]: token lists, or the SentencePiece model's
+    bytes), else, for checkpoints older than that, the files its config names, found by _find."""
+    saved, cfg = ck.get("tokenizers") or {}, ck.get("config") or {}
+    data = cfg.get("data", "")
+    if vocab:
+        bert = WordPieceTokenizer(vocab)
+    elif saved.get("vocab"):
+        bert = _from_saved(WordPieceTokenizer, "vocab.txt", saved["vocab"])
+    else:
+        recorded = cfg.get("vocab") or str(Path(data) / "vocab.txt")
+        found = _find(recorded, ckpt_path)
+        check(found, f"--ckpt={ckpt_path} holds no BERT vocabulary and its training file {recorded} is not found "
+                     f"here or beside the checkpoint: pass --vocab=<the vocab.txt it was trained with>")
+        bert = WordPieceTokenizer(found)
+    if llm_tokenizer:
+        llm = load_llm_tokenizer(llm_tokenizer)
+    elif saved.get("llm_vocab"):
+        llm = _from_saved(lambda p: load_llm_tokenizer(f"toy:{p}"), "vocab.txt", saved["llm_vocab"])
+    elif saved.get("llm_model"):
+        llm = _from_saved(lambda p: load_llm_tokenizer(f"sentencepiece:{p}"), "tokenizer.model", saved["llm_model"])
+    else:
+        spec = cfg.get("llm_tokenizer") or f"toy:{Path(data) / 'vocab.txt'}"
+        kind, _, arg = spec.partition(":")
+        if kind in ("toy", "sentencepiece"):                 # a file (tiktoken names an encoding)
+            found = _find(arg, ckpt_path)
+            check(found, f"--ckpt={ckpt_path} holds no LLM tokenizer and its training file {arg} is not found here "
+                         f"or beside the checkpoint: pass --llm_tokenizer={kind}:<the file it was trained with>")
+            spec = f"{kind}:{found}"
+        llm = load_llm_tokenizer(spec)
+    mc = ck["model_config"]
+    check(len(bert) <= mc["qformer"]["vocab_size"], f"the BERT vocabulary has {len(bert)} tokens, the checkpoint's "
+          f"Q-Former {mc['qformer']['vocab_size']}: --vocab is not the one it was trained with")
+    check(len(llm) <= mc["llm"]["vocab_size"], f"the LLM tokenizer has {len(llm)} tokens, the checkpoint's LLM "
+          f"{mc['llm']['vocab_size']}: --llm_tokenizer is not the one it was trained with")
+    return bert, llm
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", default="out/stage3/ckpt.pt")
-    p.add_argument("--video", required=True, help="frame folder, GIF, WebP, or mp4 (PyAV)")
-    p.add_argument("--question", default=None, help="omit for an interactive session")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top_p", type=float, default=1.0)
-    p.add_argument("--max_new_tokens", type=int, default=24)
-    p.add_argument("--device", default="auto")
-    a = p.parse_args(argv)
-    device = pick_device(a.device)
-    model, cfg = load_chat_model(a.ckpt, device)
-    data = Path(cfg["data"])
-    bert_tok = WordPieceTokenizer(cfg["vocab"] or data / "vocab.txt")
-    llm_tok = load_llm_tokenizer(cfg["llm_tokenizer"] or f"toy:{data / 'vocab.txt'}")
+    argv = sys.argv[1:] if argv is None else argv
+    a = parse_config(ChatConfig(), argv, __doc__)
+    check(a.question.strip() or not any(x.startswith("--question=") for x in argv),
+          "--question is empty: ask something, or leave --question out for an interactive chat")
+    try:
+        device = pick_device(a.device)
+    except RuntimeError:
+        raise ConfigError(f"--device must be auto, cpu, cuda, cuda:N or mps, got {a.device!r}") from None
+    check(device.type != "cuda" or torch.cuda.is_available(), f"--device={a.device}: no CUDA device here")
+    ck = read_chat_checkpoint(a.ckpt)
+    bert_tok, llm_tok = chat_tokenizers(ck, a.ckpt, a.vocab, a.llm_tokenizer)
+    model, cfg = chat_model(ck, device, f"--ckpt={a.ckpt}"), ck["config"]
     vcfg = model.vision_encoder.cfg
     frames = read_frames(a.video, lambda n: frame_indices(n, vcfg.num_frames, train=False))
     video = video_transform(frames, vcfg.img_size, train=False)[None].to(device)
@@ -52,20 +163,44 @@ def main(argv=None):
     with torch.no_grad():
         tokens = model.video_tokens(video)
 
+    # the prompt must fit the conversation length the model was trained on (or --max_llm_len)
+    n_visual = model.qformer.cfg.num_query + model.qformer.cfg.extra_query
+    limit = a.max_llm_len or cfg["max_llm_len"]
+    source = "--max_llm_len" if a.max_llm_len else "the checkpoint's max_llm_len"
+    fixed = int(build_chat(llm_tok, [("", None)], n_visual, n_visual + 256)[2].sum())   # format + slots, unpadded
+
+    def too_long(question):
+        """None when the prompt fits, else the one-line reason."""
+        try:
+            build_chat(llm_tok, [(question, None)], n_visual, limit)
+            return None
+        except DataError:
+            n = len(llm_tok.encode(question))
+            return (f"the question is {n} tokens, room is left for {max(limit - fixed, 0)}: prompts hold {limit} "
+                    f"tokens ({source}), {fixed} of them the chat format with {n_visual} video slots; ask a shorter "
+                    f"question, or pass --max_llm_len={fixed + n} (longer than the model was trained on)")
+
     def ask(question):
-        return answer_questions(model, tokens, [question], llm_tok, bert_tok, cfg["max_llm_len"], cfg["max_text_len"],
+        return answer_questions(model, tokens, [question], llm_tok, bert_tok, limit, cfg["max_text_len"],
                                 video_at, cfg["qformer_text_input"], a.max_new_tokens, a.temperature, a.top_p)[0]
-    if a.question:
+    if a.question.strip():
+        reason = too_long(a.question)
+        check(not reason, f"--question: {reason}")
         answer = ask(a.question)
         print(answer)
         return answer
-    print(f"{a.video}: ask about the video (empty line to quit)")
+    print(f"{a.video}: ask about the video (Ctrl-D to quit)")
     while True:
-        q = input("> ").strip()
-        if not q:
+        try:
+            q = input("> ").strip()
+        except EOFError:                                     # Ctrl-D or the end of piped input: the chat is over
+            print()
             return None
-        print(ask(q))
+        if not q:
+            continue
+        reason = too_long(q)
+        print(reason if reason else ask(q), file=sys.stderr if reason else sys.stdout)
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

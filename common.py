@@ -135,14 +135,17 @@ def parse_config(cfg, argv, doc=""):
 def _check_shared(cfg):
     """The options every stage has, checked once here (each named, before anything runs)."""
     positive = ("ckpt_every", "log_every", "batch_size", "grad_accum", "eval_batch", "max_nan_in_a_row", "num_frames")
-    for name in positive:
-        if hasattr(cfg, name):
-            check(getattr(cfg, name) > 0, f"--{name} must be positive, got {getattr(cfg, name)}")
+    defaults = {f.name: f.default for f in fields(cfg)}
+    number = lambda name: isinstance(getattr(cfg, name, None), (int, float)) and not isinstance(getattr(cfg, name), bool)
+    for name in positive:                         # where the default is 0 ("by preset"), 0 stays allowed
+        if number(name):
+            v = getattr(cfg, name)
+            check(v > 0 or v == 0 == defaults.get(name), f"--{name} must be positive, got {v}")
     for name in ("stop_after", "workers", "max_steps", "weight_decay", "grad_clip"):
-        if hasattr(cfg, name):
+        if number(name):
             check(getattr(cfg, name) >= 0, f"--{name} must be >= 0, got {getattr(cfg, name)}")
     for name in ("lr", "min_lr"):                 # -1 = by preset; any other value must be a real learning rate
-        if hasattr(cfg, name):
+        if number(name):
             v = getattr(cfg, name)
             check(v == -1 or v >= 0 and (v > 0 or name == "min_lr"),
                   f"--{name} must be positive (or -1 for the preset's), got {v}")

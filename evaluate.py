@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from common import cli, gather_objects, print0
+from common import ConfigError, cli, gather_objects, print0
 from data import ATTRIBUTES, CAPTION_ATTRS, eval_loader
 
 
@@ -457,6 +457,7 @@ def main(argv=None):
     from types import SimpleNamespace
     from common import cleanup, load_checkpoint, print0, setup_runtime, write_json
     from data import WordPieceTokenizer, load_jsonl
+    from checkpoints import checkpoint_kind, load_official_stage2
     from model import Stage2Model
     p = argparse.ArgumentParser(description="Zero-shot retrieval (cosine, then matching re-ranking of the top k) and "
                                 "zero-shot classification of a stage-2 checkpoint on the val.jsonl of --data.")
@@ -471,31 +472,24 @@ def main(argv=None):
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default="", help="JSON file for the figures; default <ckpt dir>/zeroshot_<data folder>.json")
     a = p.parse_args(argv)
-    try:
-        ck = load_checkpoint(a.ckpt)
-    except (FileNotFoundError, RuntimeError) as e:
-        raise SystemExit(f"evaluate.py: {e}") from None
+    ck = load_checkpoint(a.ckpt)                                      # CheckpointError: one line (common.cli)
     val = Path(a.data) / "val.jsonl"
     if not val.exists():
-        raise SystemExit(f"evaluate.py: {val} does not exist (--data is a folder holding val.jsonl)")
-    if isinstance(ck, dict) and "stage" not in ck:                   # a released InternVideo2 stage-2 file
-        from checkpoints import load_official_stage2
-        try:
-            model, _ = load_official_stage2(ck)
-        except KeyError as e:
-            raise SystemExit(f"evaluate.py: {a.ckpt}: {e.args[0]}") from None
+        raise ConfigError(f"--data={a.data}: no val.jsonl there (--data is a folder holding val.jsonl)")
+    kind = checkpoint_kind(ck)
+    if kind == "released stage-2 file":                               # a released InternVideo2 stage-2 file
+        model, _ = load_official_stage2(ck)
         if not a.vocab:
-            raise SystemExit("evaluate.py: an official checkpoint needs --vocab=<its BERT vocab.txt> (bert-large-uncased)")
+            raise ConfigError("an official checkpoint needs --vocab=<its BERT vocab.txt> (bert-large-uncased)")
         # the official MSR-VTT zero-shot settings (MM/scripts/evaluation/stage2/zero_shot/1B/config_msrvtt.py:19-31, 114)
         tc = {"num_frames": model.vision_encoder.cfg.num_frames, "max_text_len": 40, "rerank_k": 128}
-    elif isinstance(ck, dict) and ck.get("stage") == 2 and "model_config" in ck:
+    elif kind == "stage-2 checkpoint" and "model_config" in ck:
         model = Stage2Model.from_config(ck["model_config"])
         model.load_state_dict(ck["model"])
         tc = ck["config"]
     else:
-        kind = f"a stage-{ck['stage']} checkpoint" if isinstance(ck, dict) else "not a checkpoint"
-        raise SystemExit(f"evaluate.py: {a.ckpt} is {kind}; --ckpt wants a stage-2 checkpoint (train_stage2.py, "
-                         f"or a released InternVideo2 stage-2 file)")
+        raise ConfigError(f"--ckpt={a.ckpt} is a {kind}; --ckpt wants a stage-2 checkpoint (train_stage2.py, "
+                          f"or a released InternVideo2 stage-2 file)")
     rt = setup_runtime(a.device, "auto", 0)
     cfg = SimpleNamespace(data=a.data, num_frames=a.num_frames or tc["num_frames"], seed=0, eval_batch=a.batch,
                           max_text_len=a.max_text_len or tc["max_text_len"], rerank_k=a.rerank_k or tc["rerank_k"],

@@ -206,10 +206,10 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x):                                # x: (B, N, D)
-        bias = None
+        qkv = self.qkv(x)                                # the layer itself, so a teacher's FP8 Linear can stand in
         if hasattr(self, "q_bias"):
-            bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
-        q, k, v = F.linear(x, self.qkv.weight, bias).chunk(3, dim=-1)  # 3 x (B, N, D)
+            qkv = qkv + torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
+        q, k, v = qkv.chunk(3, dim=-1)                   # 3 x (B, N, D)
         q, k = self.q_norm(q), self.k_norm(k)            # normalised with all heads concatenated
         h = self.heads
         q, k, v = split_heads(q, h), split_heads(k, h), split_heads(v, h)           # (B, H, N, hd)
@@ -304,9 +304,9 @@ class PoolCrossAttention(nn.Module):
 
     def forward(self, xq, xk, xv, need_weights=False):  # xq: (B, 1, D); xk, xv: (B, N, D)
         h = self.heads
-        q = split_heads(F.linear(xq, self.q.weight, self.q_bias), h)
-        k = split_heads(F.linear(xk, self.k.weight, self.k_bias), h)
-        v = split_heads(F.linear(xv, self.v.weight, self.v_bias), h)
+        q = split_heads(self.q(xq) + self.q_bias, h)
+        k = split_heads(self.k(xk) + self.k_bias, h)
+        v = split_heads(self.v(xv) + self.v_bias, h)
         out = attend(q, k, v, need_weights=need_weights)
         y, w = out if need_weights else (out, None)
         return self.proj(merge_heads(y)), w                    # (B, 1, out_dim), (B, 1, N) or None
@@ -1244,10 +1244,19 @@ def add_lora(llm, r=16, alpha=32, dropout=0.1, targets=LORA_TARGETS):
 
 
 def lora_config(llm):
-    """The {r, alpha, dropout} of the LLM's adapters (None without LoRA), for a checkpoint's model_config."""
-    m = next((m for m in llm.modules() if isinstance(m, LoRALinear)), None)
-    return None if m is None else {"r": m.lora_A.out_features, "alpha": m.scale * m.lora_A.out_features,
-                                   "dropout": m.drop.p}
+    """The {r, alpha, dropout, targets} of the LLM's adapters (None without LoRA), for a checkpoint's model_config."""
+    names = [(n.split(".")[-1], m) for n, m in llm.named_modules() if isinstance(m, LoRALinear)]
+    if not names:
+        return None
+    m = names[0][1]
+    return {"r": m.lora_A.out_features, "alpha": m.scale * m.lora_A.out_features, "dropout": m.drop.p,
+            "targets": [t for t in LORA_TARGETS if t in {n for n, _ in names}]}
+
+
+def restore_lora(llm, saved):
+    """add_lora with a checkpoint's recorded settings (model_config["lora"]); checkpoints written before lm_head
+    joined the targets did not record them, and had the other seven."""
+    return add_lora(llm, **{"targets": LORA_TARGETS[:-1], **saved})
 
 
 def merge_lora(llm):
@@ -1314,7 +1323,7 @@ class Stage3Model(nn.Module):
         model = Stage3Model(VisionConfig(**mc["vision"]), QFormerConfig(**mc["qformer"]), LLMConfig(**mc["llm"]),
                             mc.get("contrastive_dim", 256))
         if mc.get("lora"):
-            add_lora(model.llm, **mc["lora"])
+            restore_lora(model.llm, mc["lora"])
         return model
 
 

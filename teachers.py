@@ -335,25 +335,17 @@ class Float8Linear(nn.Module):
                 f"activations per {'token' if self.per_token else 'tensor'}, backend={self.backend}")
 
 
-# Linears model.py multiplies as F.linear(x, lin.weight, bias) with a bias of its own (the fused qkv with the
-# q/v biases, model.Attention.forward; the pool's q/k/v, model.PoolCrossAttention.forward) rather than calling
-# the module: a Float8Linear has no `.weight` to hand over, so these stay in the teachers' dtype.
-READ_AS_WEIGHT = {Attention: ("qkv",), PoolCrossAttention: ("q", "k", "v")}
-
-
 def to_float8(net, per_token=True, backend="auto"):
     """Replace, in place, every nn.Linear of a frozen teacher by a frozen Float8Linear (call it after the
     teacher is on its device and dtype). Skipped, with the reason: in/out features not multiples of 16
-    (_scaled_mm's kernels need them) and the READ_AS_WEIGHT ones. Returns (converted names, {skipped name: why})."""
+    (_scaled_mm's kernels need them). Returns (converted names, {skipped name: why})."""
     converted, skipped = [], {}
     for parent_name, parent in list(net.named_modules()):
         for name, child in list(parent.named_children()):
             if not isinstance(child, nn.Linear):
                 continue
             full = f"{parent_name}.{name}" if parent_name else name
-            if name in next((v for k, v in READ_AS_WEIGHT.items() if isinstance(parent, k)), ()):
-                skipped[full] = f"read as .weight by {type(parent).__name__}.forward"
-            elif child.in_features % 16 or child.out_features % 16:
+            if child.in_features % 16 or child.out_features % 16:
                 skipped[full] = f"{child.in_features} -> {child.out_features} not multiples of 16"
             else:
                 setattr(parent, name, freeze(Float8Linear(child, per_token, backend)))

@@ -35,8 +35,8 @@ from common import (RunLog, WithLoss, barrier, build_optimizer, by_preset, check
 from data import (FRAME_CACHE, TOYWORLD, VideoTextDataset, WordPieceTokenizer, load_llm_tokenizer, prepare_toyworld,
                   stage3_fields, train_loader, video_index)
 from losses import stage3_objective
-from model import (LLM_PRESETS, QFORMER_PRESETS, VISION_PRESETS, Stage3Model, add_lora, lora_config, param_table, text_preset,
-                   vision_preset)
+from model import (LLM_PRESETS, QFORMER_PRESETS, VISION_PRESETS, Stage3Model, add_lora, lora_config, param_table,
+                   restore_lora, text_preset, vision_preset)
 from plots import loss_figure, save_pictures
 from pretrain_toys import pretrain_toy_bert, pretrain_toy_llm
 
@@ -161,7 +161,7 @@ def main(argv=None):
                   f"encoder ({report['vision']}): give one with --vision_from=<stage-2 checkpoint>")
         elif ck.get("stage") == 3:                   # everything, at its own frame count (e.g. sub-stage 2's
             if ck.get("lora"):                     # 4 before 3's 8); the sub-stage loop then resizes the
-                add_lora(model.llm, **ck["lora"])  # table as a run that did both sub-stages in one go
+                restore_lora(model.llm, ck["lora"])  # table as a run that did both sub-stages in one go
             model.vision_encoder.set_num_frames(ck["model_config"]["vision"]["num_frames"])
             model.load_state_dict(ck["model"])
             print0(f"loaded the whole stage-3 model from {cfg.init_from}", rt=rt)

@@ -311,9 +311,11 @@ def test_short_run_lowers_every_loss_term_and_evaluates(toyworld, toy_pretrained
     assert "t2a_r1" not in out and "zeroshot_cls_acc" not in out and (mine / "eval.json").exists()
     torch.save({"stage": 1, "model": {}}, tmp_path / "s1.pt")
     (tmp_path / "notes.txt").write_text("not a checkpoint")
-    for bad, says in (("s1.pt", "is a stage-1 checkpoint; --ckpt wants a stage-2"), ("notes.txt", "cannot be read"),
-                      ("nowhere.pt", "does not exist")):
-        with pytest.raises(SystemExit, match=says):
+    from common import CheckpointError, ConfigError
+    for bad, says, error in (("s1.pt", "is a stage-1 checkpoint; --ckpt wants a stage-2", ConfigError),
+                             ("notes.txt", "is not a readable checkpoint", CheckpointError),
+                             ("nowhere.pt", "does not exist", CheckpointError)):
+        with pytest.raises(error, match=says):
             evaluate.main([f"--ckpt={tmp_path / bad}", f"--data={toyworld}"])
 
 
@@ -407,7 +409,7 @@ def test_official_stage2_layout_loads_by_its_shapes_and_evaluates(toyworld, tmp_
         load_official_stage2({k: v for k, v in state.items() if k != "itm_head.weight"})
     with pytest.raises(KeyError, match="post_extract_proj"):
         load_official_stage2({**state, "audio_encoder.patch_embedding.weight": torch.zeros(1)})
-    with pytest.raises(SystemExit, match="needs --vocab"):
+    with pytest.raises(ValueError, match="needs --vocab"):               # a ConfigError
         evaluate.main([f"--ckpt={tmp_path / 'official.pth'}", f"--data={toyworld}"])
 
 
