@@ -47,5 +47,5 @@ bench 150 --stage=3 --preset=1B --qformer=base --llm=mistral-7b --batch_size=8 -
 bench 50 $S1
 bench 40 --stage=loader --data=/tmp/frames224 --make_frames=96 --img_size=224 --batch_size=8 \
     --loader_batches=10 --workers=1,4,8,15
-bench 50 $S1 --frozen_dtype=float32
+bench 100 $S1 --compile --teacher_dtype=float8     # FP8 teachers: clips/s and the fidelity figures (issue 15)
 say "done"
