@@ -447,6 +447,10 @@ def test_resume_is_bit_identical_with_masking_and_drop_path(toyworld, toy_pretra
     main(args(tmp_path / "a"))
     main(args(tmp_path / "b", "--stop_after=3"))
     main(args(tmp_path / "b", "--resume"))
-    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=False) for d in "ab")
-    assert a["step"] == b["step"] == 6
+    # and run to run, in a fresh process (its own frame cache, its own thread pool): the same bits
+    subprocess.run([sys.executable, str(ROOT / "train_stage2.py"), *args(tmp_path / "c")], cwd=ROOT, check=True,
+                   capture_output=True, timeout=300)
+    a, b, c = (torch.load(tmp_path / d / "ckpt.pt", weights_only=False) for d in "abc")
+    assert a["step"] == b["step"] == c["step"] == 6
     assert [k for k in a["model"] if not torch.equal(a["model"][k], b["model"][k])] == []
+    assert [k for k in a["model"] if not torch.equal(a["model"][k], c["model"][k])] == []
