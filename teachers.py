@@ -196,7 +196,11 @@ def load_teacher(kind, preset, path, **overrides):
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{kind} teacher checkpoint {path} does not exist")
-    raw = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:                                             # not a checkpoint at all: one line
+        raise CheckpointError(f"{path} is not a readable {kind} teacher checkpoint ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:160] if str(e) else ''})") from None
     state = released_state(raw)
     if kind == "mae" and any(k.startswith("encoder.") for k in state):
         state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}

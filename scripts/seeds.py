@@ -5,6 +5,7 @@ seed s > 0 writes ToyWorld with seed s to data/toyworld_seed{s} and runs into ou
 
     python scripts/seeds.py --seeds=0,1,2          # about 15 minutes a seed on 2 CPU cores
     python scripts/seeds.py --seeds=0,1,2 --skip_runs=True    # only summarise the metrics already there
+    python scripts/seeds.py --seeds=0,1,2 --skip_runs=True --seconds0=330,240,210   # ... seed 0 timed by hand
 
 Writes results/seeds.json: per seed the headline metrics and the wall time of each stage, then mean and
 spread (max - min) over the seeds.
@@ -40,7 +41,7 @@ def main():
     for s in seeds:
         data = "data/toyworld" if s == 0 else f"data/toyworld_seed{s}"
         out = "out" if s == 0 else f"out/seed{s}"
-        common = [f"--seed={s}", f"--data={data}"]
+        common = [f"--seed={s}", f"--data={data}", "--overwrite"]      # a re-run replaces that seed's run
         times = {}
         if args.get("skip_runs") != "True":
             if s:
@@ -48,6 +49,8 @@ def main():
             times["stage1"] = run(["train_stage1.py", *common, f"--out_dir={out}/stage1"])
             times["stage2"] = run(["train_stage2.py", *common, f"--init_from={out}/stage1/ckpt.pt", f"--out_dir={out}/stage2"])
             times["stage3"] = run(["train_stage3.py", *common, f"--init_from={out}/stage2/ckpt.pt", f"--out_dir={out}/stage3"])
+        if not times and s == 0 and args.get("seconds0"):             # seed 0 run by hand (the quick start)
+            times = dict(zip(("stage1", "stage2", "stage3"), map(float, args["seconds0"].split(","))))
         row = {"seconds": times or previous.get(str(s), {}).get("seconds", {})}   # a summary-only call keeps the times
         for stage, keys in HEADLINE.items():
             m = json.loads((ROOT / out / stage / "metrics.json").read_text())
