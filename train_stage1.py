@@ -218,7 +218,8 @@ def main(argv=None):
     metrics = {"stage": 1, "preset": cfg.preset, **run_summary(result, cfg.max_steps)}
     if cfg.eval and result["step"] == cfg.max_steps and cfg.fsdp and rt.ddp:
         print0(f"--fsdp: no end-of-run probes (sharded forwards would need equal batches on every rank); "
-               f"evaluate with: python train_stage1.py --init_from={out_dir / 'ckpt.pt'} --max_steps=0", rt=rt)
+               f"evaluate with: python train_stage1.py --init_from={out_dir / 'ckpt.pt'} --max_steps=0 "
+               f"--out_dir={out_dir}_eval", rt=rt)
     elif cfg.eval and result["step"] == cfg.max_steps:
         metrics.update(evaluate_stage1(student, teachers, cfg, vcfg, rt))
     return finish(out_dir, metrics, rt, lambda k: k.startswith("probe_acc") or k == "probe_chance", log)

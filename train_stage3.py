@@ -261,7 +261,7 @@ def main(argv=None):
     if cfg.eval and cfg.fsdp and rt.ddp:
         print0(f"--fsdp: no end-of-run evaluation (sharded forwards would need equal batches on every rank); "
                f"evaluate on one process: python train_stage3.py --substage=3 --steps=0,0,0 "
-               f"--init_from={out_dir / 'ckpt.pt'}", rt=rt)
+               f"--init_from={out_dir / 'ckpt.pt'} --out_dir={out_dir}_eval", rt=rt)
     elif cfg.eval:
         from evaluate import evaluate_stage3
         metrics.update(evaluate_stage3(model, llm_tok, bert_tok, cfg, model.vision_encoder.cfg, rt, video_at))
