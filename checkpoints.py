@@ -20,8 +20,8 @@ import re
 from pathlib import Path
 
 from common import CheckpointError, ConfigError
-from model import (AUDIO_PRESETS, TEXT_PRESETS, VISION_PRESETS, AudioEncoder, Stage2Model, TextConfig, audio_preset,
-                   interpolate_pos_embed_time, text_preset, vision_preset)
+from model import (AUDIO_PRESETS, TEXT_PRESETS, VISION_PRESETS, AudioEncoder, Stage2Model, TextConfig, add_lora,
+                   audio_preset, interpolate_pos_embed_time, text_preset, vision_preset)
 
 
 # The toy stand-ins for the downloaded checkpoints (the two teachers, BERT, the LLM), trained on ToyWorld and
@@ -318,7 +318,6 @@ def load_videochat2(model, ck, log=print):
     (`<llm>base_model.model.<HF key>.lora_{A,B}.default.weight`), added to our LLM with the file's rank and the
     alpha of the file's config (32 when it has none: config_7b_stage3.py:81). Returns {"loaded", "skipped", "fresh",
     "vision"}. A missing required part or a mis-shaped tensor raises KeyError naming it."""
-    from model import add_lora
     state = released_state(ck)
     layout = next((n for n, l in STAGE3_LAYOUTS.items() if f"{l['proj']}.weight" in state), None)
     if layout is None or "query_tokens" not in state:

@@ -725,10 +725,10 @@ class StopSignal:
         signal.signal(signum, self.old.get(signum, signal.SIG_DFL))
 
     def stop_now(self, rt):
-        flag = torch.tensor(float(self.hit), device=rt.device)
-        if rt.ddp:
+        if rt.ddp:                                             # one process alone needs no tensor (no GPU sync)
+            flag = torch.tensor(float(self.hit), device=rt.device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        self.hit = int(flag.item())
+            self.hit = int(flag.item())
         return bool(self.hit)
 
     def __exit__(self, *exc):
@@ -742,7 +742,8 @@ def training_loop(model, optimizer, loader, rt, cfg, *, step, lr_at, scaler, log
     progress bar (loss terms, lr, clips/s) -> log.txt every cfg.log_every -> checkpoint every
     cfg.ckpt_every and at the end. Stops at cfg.max_steps, or earlier at cfg.stop_after.
     save(step, nan_skips) writes the checkpoint; progress=False hides the bar (notebooks).
-    Returns {history, parts, n_bad, step, nan_skips}."""
+    SIGINT/SIGTERM save at the next step boundary and exit 128 + the signal (StopSignal).
+    Returns {history, parts, n_bad, bad_lines, step, nan_skips}."""
     from tqdm import tqdm
     last = cfg.max_steps if not cfg.stop_after else min(cfg.max_steps, cfg.stop_after)
     guard = NanGuard(cfg.max_nan_in_a_row)

@@ -339,10 +339,12 @@ def test_torchrun_two_processes_stage2(toyworld, toy_pretrained, tmp_path):
         assert "step 2/2" in (tmp_path / "log.txt").read_text(), r.stderr[-4000:]
     # the logged terms are averaged over the ranks like the total, so with unit weights they add up to it
     import re
-    for line in (tmp_path / "log.txt").read_text().splitlines():
-        if m := re.match(r"step \d+/2 \| loss ([\d.]+) \(([^)]*)\)", line):
-            terms = [float(v) for v in m.group(2).split()[1::2]]
-            assert sum(terms) == pytest.approx(float(m.group(1)), abs=2e-4), line
+    lines = [m for line in (tmp_path / "log.txt").read_text().splitlines()
+             if (m := re.match(r"step \d+/2 \| loss ([\d.]+) \(([^)]*)\)", line))]
+    assert len(lines) == 2
+    for m in lines:
+        terms = [float(v) for v in m.group(2).split()[1::2]]
+        assert len(terms) == 7 and sum(terms) == pytest.approx(float(m.group(1)), abs=2e-4), m.group(0)
 
 
 def test_stage2_settings_say_what_they_mean():
