@@ -12,18 +12,15 @@ finds them where it was trained (paths as recorded, or relative to the checkpoin
 above it), or through --vocab and --llm_tokenizer.
 """
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from checkpoints import checkpoint_kind, key_names
-from common import CheckpointError, ConfigError, check, cli, load_checkpoint, parse_config, pick_device
-from data import (DataError, WordPieceTokenizer, build_chat, frame_indices, load_llm_tokenizer, read_frames,
-                  video_index, video_transform)
+from checkpoints import checkpoint_kind, stage3_model, stage3_tokenizers
+from common import ConfigError, check, cli, load_checkpoint, parse_config, pick_device
+from data import DataError, build_chat, frame_indices, read_frames, video_index, video_transform
 from evaluate import answer_questions
-from model import Stage3Model, merge_lora
 
 
 @dataclass
@@ -62,85 +59,10 @@ def read_chat_checkpoint(path):
     return ck
 
 
-def chat_model(ck, device, name="--ckpt"):
-    """A stage-3 checkpoint dict -> the model in eval mode with LoRA merged."""
-    model = Stage3Model.from_config(ck["model_config"])
-    own, state = model.state_dict(), ck["model"]
-    missing, unexpected = [k for k in own if k not in state], [k for k in state if k not in own]
-    shapes = [k for k in own if k in state and state[k].shape != own[k].shape]
-    if missing or unexpected or shapes:                      # e.g. written by another version of the code
-        raise CheckpointError(f"{name}: its weights do not fit the model its model_config builds: missing "
-                              f"{key_names(missing)}; unexpected {key_names(unexpected)}; "
-                              f"other shapes {key_names(shapes)}")
-    model.load_state_dict(state)
-    merge_lora(model.llm)
-    return model.to(device).eval()
-
-
 def load_chat_model(ckpt_path, device):
     """A stage-3 checkpoint -> (model in eval mode with LoRA merged, its config dict)."""
     ck = read_chat_checkpoint(ckpt_path)
-    return chat_model(ck, device, f"--ckpt={ckpt_path}"), ck["config"]
-
-
-def _find(recorded, ckpt_path):
-    """A path recorded by the training run, relative to the folder it ran in: as written, else relative to
-    the checkpoint's folder or a folder above it (out/stage3/ckpt.pt -> the repository root). None if absent."""
-    p = Path(recorded)
-    here = Path(ckpt_path).resolve().parent
-    bases = [Path()] if p.is_absolute() else [Path(), here, *here.parents]
-    return next((b / p for b in bases if (b / p).exists()), None)
-
-
-def _from_saved(make, name, content):
-    """Build a tokenizer whose constructor reads a file from the text or bytes saved in the checkpoint
-    (the constructors read the whole file, so the temporary copy can go right after)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / name
-        if isinstance(content, bytes):
-            path.write_bytes(content)
-        else:
-            path.write_text("".join(t + "\n" for t in content), encoding="utf-8")   # itos <-> lines, exactly
-        return make(path)
-
-
-def chat_tokenizers(ck, ckpt_path, vocab="", llm_tokenizer=""):
-    """(BERT WordPiece tokenizer, LLM tokenizer) of a stage-3 checkpoint: the --vocab / --llm_tokenizer
-    overrides, else the ones saved in it (ck["tokenizers"]: token lists, or the SentencePiece model's
-    bytes), else, for checkpoints older than that, the files its config names, found by _find."""
-    saved, cfg = ck.get("tokenizers") or {}, ck.get("config") or {}
-    data = cfg.get("data", "")
-    if vocab:
-        bert = WordPieceTokenizer(vocab)
-    elif saved.get("vocab"):
-        bert = _from_saved(WordPieceTokenizer, "vocab.txt", saved["vocab"])
-    else:
-        recorded = cfg.get("vocab") or str(Path(data) / "vocab.txt")
-        found = _find(recorded, ckpt_path)
-        check(found, f"--ckpt={ckpt_path} holds no BERT vocabulary and its training file {recorded} is not found "
-                     f"here or beside the checkpoint: pass --vocab=<the vocab.txt it was trained with>")
-        bert = WordPieceTokenizer(found)
-    if llm_tokenizer:
-        llm = load_llm_tokenizer(llm_tokenizer)
-    elif saved.get("llm_vocab"):
-        llm = _from_saved(lambda p: load_llm_tokenizer(f"toy:{p}"), "vocab.txt", saved["llm_vocab"])
-    elif saved.get("llm_model"):
-        llm = _from_saved(lambda p: load_llm_tokenizer(f"sentencepiece:{p}"), "tokenizer.model", saved["llm_model"])
-    else:
-        spec = cfg.get("llm_tokenizer") or f"toy:{Path(data) / 'vocab.txt'}"
-        kind, _, arg = spec.partition(":")
-        if kind in ("toy", "sentencepiece"):                 # a file (tiktoken names an encoding)
-            found = _find(arg, ckpt_path)
-            check(found, f"--ckpt={ckpt_path} holds no LLM tokenizer and its training file {arg} is not found here "
-                         f"or beside the checkpoint: pass --llm_tokenizer={kind}:<the file it was trained with>")
-            spec = f"{kind}:{found}"
-        llm = load_llm_tokenizer(spec)
-    mc = ck["model_config"]
-    check(len(bert) <= mc["qformer"]["vocab_size"], f"the BERT vocabulary has {len(bert)} tokens, the checkpoint's "
-          f"Q-Former {mc['qformer']['vocab_size']}: --vocab is not the one it was trained with")
-    check(len(llm) <= mc["llm"]["vocab_size"], f"the LLM tokenizer has {len(llm)} tokens, the checkpoint's LLM "
-          f"{mc['llm']['vocab_size']}: --llm_tokenizer is not the one it was trained with")
-    return bert, llm
+    return stage3_model(ck, device, f"--ckpt={ckpt_path}"), ck["config"]
 
 
 def main(argv=None):
@@ -154,8 +76,8 @@ def main(argv=None):
         raise ConfigError(f"--device must be auto, cpu, cuda, cuda:N or mps, got {a.device!r}") from None
     check(device.type != "cuda" or torch.cuda.is_available(), f"--device={a.device}: no CUDA device here")
     ck = read_chat_checkpoint(a.ckpt)
-    bert_tok, llm_tok = chat_tokenizers(ck, a.ckpt, a.vocab, a.llm_tokenizer)
-    model, cfg = chat_model(ck, device, f"--ckpt={a.ckpt}"), ck["config"]
+    bert_tok, llm_tok = stage3_tokenizers(ck, a.ckpt, a.vocab, a.llm_tokenizer)
+    model, cfg = stage3_model(ck, device, f"--ckpt={a.ckpt}"), ck["config"]
     vcfg = model.vision_encoder.cfg
     frames = read_frames(a.video, lambda n: frame_indices(n, vcfg.num_frames, train=False))
     video = video_transform(frames, vcfg.img_size, train=False)[None].to(device)

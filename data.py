@@ -150,24 +150,26 @@ def _render_audio(a, rng):
     return (0.5 * wav / max(1e-6, np.abs(wav).max())).astype(np.float32)
 
 
+def toyworld_captions(a, template=0):
+    """The texts that describe a clip with attributes a (words included): its video caption (VIDEO_TEMPLATES
+    [template]), audio caption, ASR transcript and fused audio-visual-speech caption."""
+    pitch, timbre = PITCHES[a["size"]][0], TIMBRES[a["shape"]]
+    return {"caption": VIDEO_TEMPLATES[template].format(**a),
+            "audio_caption": f"a {pitch} {timbre} beeping {a['speed']}, then a voice speaks",
+            "asr": " ".join(a["words"]),
+            "avs_caption": (f"a {a['size']} {a['color']} {a['shape']} moving {a['direction']} {a['speed']} "
+                            f"with a {pitch} {timbre} sound while someone says {' '.join(a['words'])}")}
+
+
 def toyworld_sample(split, i, seed):
     """Attributes, captions and QA of one clip (deterministic in (seed, split, i))."""
     rng = np.random.default_rng([seed, 0 if split == "train" else 1, i])
     a = {k: str(rng.choice(v)) for k, v in ATTRIBUTES.items()}
     a["words"] = [str(w) for w in rng.choice(WORDS, size=2)]
-    pitch, timbre = PITCHES[a["size"]][0], TIMBRES[a["shape"]]
-    rhythm = "slowly" if a["speed"] == "slowly" else "quickly"
-    video_caption = VIDEO_TEMPLATES[int(rng.integers(len(VIDEO_TEMPLATES)))].format(**a)
+    texts = toyworld_captions(a, int(rng.integers(len(VIDEO_TEMPLATES))))
     name = f"{split}_{i:05d}"
-    sample = {
-        "id": name, "video": f"videos/{name}.webp", "audio": f"audio/{name}.flac", "caption": video_caption,
-        "audio_caption": f"a {pitch} {timbre} beeping {rhythm}, then a voice speaks",
-        "asr": " ".join(a["words"]),
-        "avs_caption": (f"a {a['size']} {a['color']} {a['shape']} moving {a['direction']} {a['speed']} "
-                        f"with a {pitch} {timbre} sound while someone says {' '.join(a['words'])}"),
-        "qa": [{"q": QUESTIONS[k], "a": a[k], "type": k} for k in ATTRIBUTES],
-        "attrs": a,
-    }
+    sample = {"id": name, "video": f"videos/{name}.webp", "audio": f"audio/{name}.flac", **texts,
+              "qa": [{"q": QUESTIONS[k], "a": a[k], "type": k} for k in ATTRIBUTES], "attrs": a}
     return sample, rng
 
 

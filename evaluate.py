@@ -8,10 +8,14 @@
   evaluate_stage2    zero-shot retrieval text<->video/audio/audio+video, VTM re-ranking of the top k,
                      zero-shot classification with prompt templates (MM/dataset/ret_dataset.py:283-297)
   evaluate_stage3    held-out QA accuracy per question type and caption accuracy, by generation
+  diagnose           per ToyWorld attribute, where the knowledge lives: teachers, students, stage-2 embeddings,
+                     contrastive and matching heads, text tower, stage-3 tokens, queries and answers
 
 Zero-shot evaluation of a stage-2 checkpoint on any folder with a val.jsonl (retrieval with and without matching
 re-ranking; classification when every line has a `label`, or ToyWorld's `attrs`), printed and written to JSON:
-    python evaluate.py --ckpt=out/stage2/ckpt.pt --data=data/toyworld
+    python evaluate.py --ckpt=out/stage2/ckpt.pt --data=data/toyworld            # or: evaluate.py zeroshot ...
+Where each ToyWorld attribute lives along the three stages (a table, its JSON and a heat map):
+    python evaluate.py diagnose --stage1=out/stage1/ckpt.pt --stage2=out/stage2/ckpt.pt --stage3=out/stage3/ckpt.pt
 Each stage script also evaluates a checkpoint on its own with `--init_from=<ckpt> --max_steps=0`:
     python train_stage1.py --init_from=out/stage1/ckpt.pt --max_steps=0 --out_dir=out/stage1_eval
 """
@@ -151,8 +155,10 @@ def stage1_features(student, random_init, teachers, device):
 def evaluate_stage1(student, teachers, cfg, vcfg, rt):
     """Probes per ToyWorld attribute on frozen features of the held-out split (no official counterpart:
     ToyWorld's own protocol), for the trained student, a random-initialised student of the same preset,
-    and each teacher: a linear probe on the pooled clip vector (`probe_*`) and an attentive probe on the
-    last block's tokens (`attn_probe_*`). Needs records with `attrs` (ToyWorld); returns {} otherwise."""
+    and each teacher: a linear probe on the pooled clip vector (`probe_*`) and one on the mean of the last block's
+    tokens (`mean_probe_*`); for the two students also an attentive probe on those tokens (`attn_probe_*`,
+    cfg.probe_steps AdamW steps; 0 skips it), which shows that position alone lets a random network's tokens give
+    direction away. Needs records with `attrs` (ToyWorld); returns {} otherwise."""
     import time
     from data import VideoTextDataset
     from model import InternVideo2
@@ -167,19 +173,21 @@ def evaluate_stage1(student, teachers, cfg, vcfg, rt):
     feature_fns = stage1_features(student, random_init, teachers, rt.device)
     out, n_train = {}, min(cfg.probe_train_clips, len(sets["train"]))
     recs_train, recs_val = sets["train"].records[:n_train], sets["val"].records
+    attentive = lambda *a: attentive_probe(*a, steps=cfg.probe_steps)
     for name, (pooled_fn, tokens_fn) in feature_fns.items():
         t0 = time.time()
-        attentive = lambda *a: attentive_probe(*a, steps=cfg.probe_steps)
-        for kind, fn, probe in (("probe", pooled_fn, linear_probe), ("attn_probe", tokens_fn, attentive)):
-            f_train = extract_features(fn, sets["train"], rt, limit=n_train)
-            f_val = extract_features(fn, sets["val"], rt)
+        pooled = [extract_features(pooled_fn, sets["train"], rt, limit=n_train), extract_features(pooled_fn, sets["val"], rt)]
+        tokens = [extract_features(tokens_fn, sets["train"], rt, limit=n_train), extract_features(tokens_fn, sets["val"], rt)]
+        kinds = {"probe": (pooled, linear_probe), "mean_probe": ([x.mean(1) for x in tokens], linear_probe)}
+        if cfg.probe_steps and name in ("student", "random_init"):
+            kinds["attn_probe"] = (tokens, attentive)
+        for kind, ((f_train, f_val), probe) in kinds.items():
             accs = probe_attributes(f_train, recs_train, f_val, recs_val, probe)
             out[f"{kind}_acc_{name}"] = sum(accs.values()) / len(accs)
             out.update({f"{kind}_{name}_{a}": v for a, v in accs.items()})
-        print0(f"{name:<13} linear (pooled) {out[f'probe_acc_{name}']:.3f}, attentive (tokens) "
-               f"{out[f'attn_probe_acc_{name}']:.3f} | "
-               + " ".join(f"{a} {out[f'probe_{name}_{a}']:.2f}/{out[f'attn_probe_{name}_{a}']:.2f}" for a in accs)
-               + f" | {time.time() - t0:.0f}s", rt=rt)
+        print0(f"{name:<13} linear on pooled / mean token{' / attentive' if 'attn_probe' in kinds else ''}: " + " ".join(
+            f"{a} " + "/".join(f"{out[f'{k}_{name}_{a}']:.2f}" for k in kinds) for a in accs)
+            + f" | {time.time() - t0:.0f}s", rt=rt)
     chance = {a: 1 / len(c) for a, c in ATTRIBUTES.items() if f"probe_student_{a}" in out}
     out["probe_chance"] = sum(chance.values()) / len(chance)
     out.update({f"probe_chance_{a}": v for a, v in chance.items()})
@@ -209,17 +217,25 @@ def retrieval(prefix, sim, gt):
 
 
 @torch.no_grad()
-def rerank(sim, k, score_fn, rt, chunk=128):
+def rerank(sim, k, score_fn, rt, chunk=128, pairs_fn=None):
     """Official VTM re-ranking (MM/tasks/retrieval_utils.py:366-566): for every query row keep its top-k gallery items
     by the dual-encoder score, score them with score_fn(query index, gallery indices) -> raw matching logits,
-    and set every other item to -100. Rows are sharded over ranks and gathered."""
+    and set every other item to -100. Rows are sharded over ranks and gathered. pairs_fn(query indices, gallery
+    indices) -> logits, when given, scores the pairs of several rows at once (about 1024 a call) instead."""
     k = min(k, sim.shape[1])
     out = torch.full_like(sim, -100.0)
     rows = list(range(rt.rank, sim.shape[0], rt.world))
     local = {}
-    for i in rows:
-        top = sim[i].topk(k).indices
-        local[i] = (top, torch.cat([score_fn(i, top[j:j + chunk]) for j in range(0, k, chunk)]).float().cpu())
+    group = max(1, 1024 // k) if pairs_fn else 1
+    for g in range(0, len(rows), group):
+        ids = torch.tensor(rows[g:g + group])
+        tops = sim[ids].topk(k, dim=1).indices                           # (rows, k)
+        if pairs_fn:
+            scores = pairs_fn(ids.repeat_interleave(k), tops.flatten()).float().cpu().view(len(ids), k)
+        else:
+            scores = torch.cat([score_fn(int(ids[0]), tops[0, j:j + chunk]) for j in range(0, k, chunk)])[None]
+        for i, top, score in zip(ids.tolist(), tops, scores.float().cpu()):
+            local[i] = (top, score)
     for part in gather_objects(local, rt):
         for i, (top, score) in part.items():
             out[i, top] = score
@@ -259,8 +275,21 @@ def positives(records, caption_key):
     return codes[:, None] == codes[None, :]
 
 
-# zero-shot classification of ToyWorld's 8 motion classes: each class name in every template, the cosines averaged
-ZEROSHOT_TEMPLATES = ("something moving {}", "a video of an object moving {}", "an object that moves {}", "{}")
+def toyworld_templates():
+    """The prompts for zero-shot classification of ToyWorld's 8 motion classes: every caption template of
+    ToyWorld with every appearance (4 shapes x 6 colours x 2 sizes x 3 templates = 144), the class ("left
+    slowly") in the place of the motion words. This is the official prompt ensembling (each class in many
+    templates, the scores averaged: MM/dataset/text_prompt.py:1-18, MM/models/criterions.py:42-50) with
+    ToyWorld's own sentences as the templates: its text tower has seen no other sentences, as a real one has
+    seen "a video of {}", and a class that names only the motion is the average over the appearances."""
+    from data import ATTRIBUTES, VIDEO_TEMPLATES
+    return tuple(t.replace("{direction} {speed}", "{{}}").format(shape=sh, color=c, size=si)
+                 for t in VIDEO_TEMPLATES for sh in ATTRIBUTES["shape"] for c in ATTRIBUTES["color"]
+                 for si in ATTRIBUTES["size"])
+
+
+# zero-shot classification of ToyWorld's 8 motion classes: each class in every template, the cosines averaged
+ZEROSHOT_TEMPLATES = toyworld_templates()
 # and of the classes your held-out lines name in a `label` field (e.g. "label": "playing guitar")
 LABEL_TEMPLATES = ("a video of {}.", "a video of a person {}.", "{}")
 
@@ -327,8 +356,8 @@ def evaluate_stage2(model, tok, cfg, vcfg, acfg, rt):
                 logits = model.match_logits(f[f"states_{key}"][ti].to(dev), f[f"mask_{key}"][ti].to(dev),
                                             memory(gi).to(dev), head=head)
             return logits[:, 1]
-        q2g = rerank(sim, cfg.rerank_k, lambda i, top: score(torch.full_like(top, i), top), rt)
-        g2q = rerank(sim.t(), cfg.rerank_k, lambda j, top: score(top, torch.full_like(top, j)), rt)
+        q2g = rerank(sim, cfg.rerank_k, None, rt, pairs_fn=score)
+        g2q = rerank(sim.t(), cfg.rerank_k, None, rt, pairs_fn=lambda gi, ti: score(ti, gi))
         a, b = name.split("2")
         for n, s, g in ((name, q2g, gt), (f"{b}2{a}", g2q, gt.t())):
             out.update({f"{n}_r{k}_rerank": v for k, v in recall_at_k(s, g).items()})
@@ -449,17 +478,250 @@ def evaluate_stage3(model, llm_tok, bert_tok, cfg, vcfg, rt, video_at):
 
 
 # ------------------------------------------------------------------------------------------------
+# diagnosis: where each ToyWorld attribute lives along the three stages
+
+DIAGNOSIS_COLUMNS = (*ATTRIBUTES, "words")            # words: the two spoken words (audio-visual rows only)
+
+
+def one_changed(attrs, attr, rng):
+    """ToyWorld attributes with `attr` set to another of its values, or for "words" one of the two spoken words
+    replaced by another (drawn with rng)."""
+    from data import WORDS
+    if attr == "words":
+        j, words = int(rng.integers(2)), list(attrs["words"])
+        words[j] = str(rng.choice([w for w in WORDS if w != words[j]]))
+        return {**attrs, "words": words}
+    other = [v for v in ATTRIBUTES[attr] if v != attrs[attr]]
+    return {**attrs, attr: other[int(rng.integers(len(other)))]}
+
+
+@torch.no_grad()
+def diagnose(data, rt, stage1=None, stage2=None, stage3=None, teachers=None, n_train=600, batch=64, seed=0,
+             log=print):
+    """Where each ToyWorld attribute lives, representation by representation, on the held-out split. Give any of the
+    three stages' checkpoints (paths); each adds its rows. Returns {"rows": {row: {column: value}}, "measure": {row:
+    what its values are}, "chance": {column: chance of a probe}}; diagnosis_table() writes it as Markdown.
+      linear probes (linear_probe, fitted on n_train training clips) of the pooled vector and of the mean token of
+        each teacher, a random-init student and the stage-1 student (8 frames); of the stage-1 student at stage 2's
+        frame count (the hand-off, before any stage-2 step); of the stage-2 video and audio embeddings; of the stage-3
+        video tokens (penultimate block + LayerNorm, what the Q-Former reads) and the Q-Former's query outputs;
+      stage 2, pairwise accuracy: the clip's own caption scored above the same caption with one attribute changed,
+        by the contrastive cosine and by the matching head's p(match), for video and (with audio) audio+video with
+        the fused caption (its column `words`: one spoken word changed); the text tower's cosine between the two
+        captions (1.0: it cannot tell them apart); zero-shot direction and speed (the 8 motion classes' argmax);
+      stage 3: held-out QA accuracy per question type, and caption_acc (evaluate_stage3)."""
+    import numpy as np
+    from types import SimpleNamespace
+    from checkpoints import TOYS
+    from common import load_checkpoint
+    from data import WORDS, VideoTextDataset, WordPieceTokenizer, stage2_fields, toyworld_captions
+    from model import InternVideo2, Stage2Model, VisionConfig
+    root, dev = Path(data), rt.device
+    rows, measure, sets = {}, {}, {}
+    lin = "linear probe"
+
+    def dataset(split, frames, extra=None):
+        key = (split, frames, extra is not None)
+        if key not in sets:
+            sets[key] = VideoTextDataset(root / f"{split}.jsonl", frames, 32, train=False, seed=seed, extra=extra)
+        return sets[key]
+
+    def show(name, what):
+        measure[name] = what
+        log(f"{name:<52} " + " ".join(f"{a} {v:.2f}" for a, v in rows[name].items() if v is not None))
+
+    def probe(name, fn, frames, extra=None, words=False):
+        """Linear probes per attribute (and, with words, of each spoken word) on fn(batch) -> (B, D)."""
+        tr, va = dataset("train", frames, extra), dataset("val", frames, extra)
+        n = min(n_train, len(tr))
+        f_tr = extract_features(fn, tr, rt, batch_size=batch, limit=n)
+        f_va = extract_features(fn, va, rt, batch_size=batch)
+        rows[name] = probe_attributes(f_tr, tr.records[:n], f_va, va.records)
+        if words:
+            label = lambda recs, j: torch.tensor([WORDS.index(r["attrs"]["words"][j]) for r in recs])
+            rows[name]["words"] = sum(linear_probe(f_tr, label(tr.records[:n], j), f_va, label(va.records, j),
+                                                   len(WORDS)) for j in (0, 1)) / 2
+        show(name, lin)
+
+    even = lambda b: b["video"].to(dev)[:, :, ::2]
+    mean_tok = lambda x: x.mean(1)
+    if teachers is None:
+        from teachers import build_teachers
+        teachers = build_teachers("toy", "toy", str(TOYS / "toy_clip_teacher.pt"), str(TOYS / "toy_mae_teacher.pt"))
+    teachers.to(dev)
+    probe("image teacher: pooled", lambda b: teachers.clip(even(b))["clip_final"], 16)
+    probe("image teacher: mean token", lambda b: mean_tok(teachers.clip(even(b))["clip"][-1]), 16)
+    probe("video teacher: mean token", lambda b: mean_tok(teachers.mae.forward_features(b["video"].to(dev))), 16)
+
+    ck2 = load_checkpoint(stage2) if stage2 else None
+    if stage1:
+        ck = load_checkpoint(stage1)
+        vcfg = VisionConfig(**ck["model_config"])
+        torch.manual_seed(seed)
+        random_init = InternVideo2(vcfg).to(dev).eval()
+        student = InternVideo2(vcfg, with_heads=True)
+        student.load_state_dict(ck["model"])
+        student.to(dev).eval()
+        for name, net in (("random-init student", random_init), ("stage-1 student", student)):
+            probe(f"{name}: pooled", lambda b, net=net: net(even(b)), 16)
+            probe(f"{name}: mean token", lambda b, net=net: mean_tok(net.forward_features(even(b))[0]), 16)
+        t2 = ck2["model_config"]["vision"]["num_frames"] if ck2 else 4
+        if t2 != vcfg.num_frames:                     # the hand-off: the same weights, the table resized in time
+            enc = InternVideo2(vcfg)
+            enc.load_state_dict({k: v for k, v in ck["model"].items() if k in enc.state_dict()})
+            enc.set_num_frames(t2)
+            enc.to(dev).eval()
+            probe(f"stage-1 student at {t2} frames: mean token",
+                  lambda b: mean_tok(enc.forward_features(b["video"].to(dev))[0]), t2)
+
+    if stage2:
+        s2 = Stage2Model.from_config(ck2["model_config"])
+        s2.load_state_dict(ck2["model"])
+        s2.to(dev).eval()
+        cfg, t2 = ck2["config"], s2.vision_encoder.cfg.num_frames
+        tok = WordPieceTokenizer(cfg.get("vocab") or Path(cfg["data"]) / "vocab.txt")
+        L = cfg["max_text_len"]
+        probe("stage-2 video embedding", lambda b: s2.encode_video(b["video"].to(dev))[1], t2)
+        audio = s2.has_audio and all(r.get("audio") for r in dataset("val", t2).records)
+        extra = stage2_fields(tok, [], L, s2.audio_encoder.cfg.frames, False) if audio else None
+        if audio:
+            probe("stage-2 audio embedding", lambda b: s2.encode_audio(b["fbank"].to(dev))[1], t2, extra, words=True)
+        va = dataset("val", t2, extra)
+        attrs = [r["attrs"] for r in va.records]
+        feats = []
+        for b in eval_loader(va, batch):
+            m, e = s2.encode_video(b["video"].to(dev))
+            row = {"v_mem": m, "v_emb": e}
+            if audio:
+                am, ae = s2.encode_audio(b["fbank"].to(dev))
+                row.update(av_mem=torch.cat([am, m], 1), av_emb=s2.fuse_av(ae, e))
+            feats.append(row)
+        f = {k: torch.cat([r[k] for r in feats]) for k in feats[0]}
+
+        def scores(texts, emb, mem, head):
+            """(cosine to the clip's embedding, matching p(match)) of one text per held-out clip."""
+            ids, mask = (x.to(dev) for x in tok.encode(texts, L))
+            states, t = s2.encode_text(ids, mask)
+            cos = (F.normalize(t.float(), dim=-1) * F.normalize(emb.float(), dim=-1)).sum(-1)
+            p = torch.cat([F.softmax(s2.match_logits(states[i:i + batch], mask[i:i + batch], mem[i:i + batch],
+                                                     head).float(), -1)[:, 1] for i in range(0, len(texts), batch)])
+            return cos, p, F.normalize(t.float(), dim=-1)
+
+        pair = "pairwise: own caption above it with the attribute changed (chance 0.5)"
+        for tag, key, emb, mem, head, cols in (
+                ("video", "caption", "v_emb", "v_mem", "itm", ATTRIBUTES),
+                ("audio+video", "avs_caption", "av_emb", "av_mem", "avtm", DIAGNOSIS_COLUMNS)):
+            if emb not in f:
+                continue
+            rng = np.random.default_rng(seed)
+            cos0, p0, t0 = scores([toyworld_captions(a)[key] for a in attrs], f[emb], f[mem], head)
+            contrast, match, text = {}, {}, {}
+            for attr in cols:
+                cos, p, t = scores([toyworld_captions(one_changed(a, attr, rng))[key] for a in attrs], f[emb],
+                                   f[mem], head)
+                contrast[attr], match[attr] = float((cos0 > cos).float().mean()), float((p0 > p).float().mean())
+                text[attr] = float((t0 * t).sum(-1).mean())
+            rows[f"stage-2 {tag}: contrastive"], rows[f"stage-2 {tag}: matching head"] = contrast, match
+            show(f"stage-2 {tag}: contrastive", pair)
+            show(f"stage-2 {tag}: matching head", pair)
+            if tag == "video":
+                rows["stage-2 text tower: cosine of the two captions"] = text
+                show("stage-2 text tower: cosine of the two captions", "cosine (1.0: cannot tell them apart)")
+        classes = motion_classes()
+        zs = zeroshot_scores(s2, tok, f["v_emb"], classes, ZEROSHOT_TEMPLATES, L, rt)
+        pred = [classes[i].split() for i in zs.argmax(1).tolist()]
+        rows["stage-2 zero-shot motion classes"] = {
+            attr: float(np.mean([p[k] == a[attr] for p, a in zip(pred, attrs)]))
+            for k, attr in enumerate(("direction", "speed"))}
+        show("stage-2 zero-shot motion classes", "accuracy of the argmax class's direction / speed")
+
+    if stage3:
+        from checkpoints import stage3_model, stage3_tokenizers
+        from data import video_index
+        ck = load_checkpoint(stage3)
+        model = stage3_model(ck, dev, stage3)
+        bert_tok, llm_tok = stage3_tokenizers(ck, stage3)
+        t3 = model.vision_encoder.cfg.num_frames
+        probe(f"stage-3 video tokens ({t3} frames): mean", lambda b: mean_tok(model.video_tokens(b["video"].to(dev))),
+              t3)
+        probe("stage-3 Q-Former queries: mean", lambda b: mean_tok(model.qformer(
+            model.video_tokens(b["video"].to(dev)), mode="query")[0]), t3)
+        cfg = SimpleNamespace(**{**ck["config"], "data": str(root), "eval_batch": batch})
+        qa = evaluate_stage3(model, llm_tok, bert_tok, cfg, model.vision_encoder.cfg, rt, video_index(llm_tok))
+        rows["stage-3 answers"] = {a: qa[f"qa_acc_{a}"] for a in ATTRIBUTES if f"qa_acc_{a}" in qa}
+        rows["stage-3 answers"]["caption"] = qa.get("caption_acc")
+        show("stage-3 answers", "held-out QA accuracy per question type; caption_acc")
+    chance = {a: 1 / len(v) for a, v in ATTRIBUTES.items()} | {"words": 1 / len(WORDS)}
+    return {"rows": rows, "measure": measure, "chance": chance}
+
+
+def diagnosis_table(d):
+    """Markdown: one row per representation, one column per attribute, and what the row measures."""
+    attrs = [c for c in (*DIAGNOSIS_COLUMNS, "caption") if any(c in row for row in d["rows"].values())]
+    lines = ["| representation | " + " | ".join(attrs) + " | measure |", "|---|" + "---|" * (len(attrs) + 1)]
+    fmt = lambda v: "-" if v is None else f"{v:.2f}"
+    for name, row in d["rows"].items():
+        lines.append(f"| {name} | " + " | ".join(fmt(row.get(a)) for a in attrs) + f" | {d['measure'][name]} |")
+    lines.append("| chance (probes, QA) | " + " | ".join(fmt(d["chance"].get(a)) for a in attrs) + " | |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------
 # the command: zero-shot evaluation of a stage-2 checkpoint on any folder with a val.jsonl
 
-def main(argv=None):
-    """python evaluate.py --ckpt=out/stage2/ckpt.pt --data=<folder with val.jsonl> [--rerank_k=128] [--out=...]"""
+def diagnose_main(argv):
+    """python evaluate.py diagnose --stage1=... --stage2=... --stage3=... [--data=data/toyworld] [--out=...]"""
     import argparse
+    import json
+    from common import cleanup, setup_runtime
+    p = argparse.ArgumentParser(prog="evaluate.py diagnose", description="Where each ToyWorld attribute lives along "
+                                "the three stages: linear probes of every representation, the stage-2 contrastive "
+                                "model's and matching head's pairwise accuracy, the text tower, stage-3 answers.")
+    p.add_argument("--data", default="data/toyworld", help="ToyWorld folder (its records carry `attrs`)")
+    for k in (1, 2, 3):
+        p.add_argument(f"--stage{k}", default="", help=f"a stage-{k} checkpoint of train_stage{k}.py")
+    p.add_argument("--n_train", type=int, default=600, help="training clips each linear probe is fitted on")
+    p.add_argument("--out", default="out/diagnosis.md", help="the table (Markdown); .json and .png beside it")
+    p.add_argument("--device", default="auto")
+    a = p.parse_args(argv)
+    if not any((a.stage1, a.stage2, a.stage3)):
+        raise ConfigError("give at least one of --stage1, --stage2, --stage3 (checkpoints to diagnose)")
+    for k in (1, 2, 3):
+        path = getattr(a, f"stage{k}")
+        if path and not Path(path).is_file():
+            raise ConfigError(f"--stage{k}={path}: no such file")
+    if not (Path(a.data) / "val.jsonl").exists():
+        raise ConfigError(f"--data={a.data}: no val.jsonl there")
+    rt = setup_runtime(a.device, "auto", 0)
+    d = diagnose(a.data, rt, a.stage1 or None, a.stage2 or None, a.stage3 or None, n_train=a.n_train)
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(diagnosis_table(d) + "\n")
+    out.with_suffix(".json").write_text(json.dumps(d, indent=1))
+    from plots import diagnosis_figure, have_matplotlib, save
+    pictures = [str(save(diagnosis_figure(d), out.with_suffix(".png")))] if have_matplotlib() else []
+    print(diagnosis_table(d))
+    print(f"-> {', '.join([str(out), str(out.with_suffix('.json'))] + pictures)}")
+    cleanup(rt)
+    return d
+
+
+def main(argv=None):
+    """python evaluate.py [zeroshot] --ckpt=out/stage2/ckpt.pt --data=<folder with val.jsonl> [--rerank_k=128]
+    python evaluate.py diagnose --stage1=... --stage2=... --stage3=..."""
+    import argparse
+    import sys
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "diagnose":
+        return diagnose_main(argv[1:])
+    if argv and argv[0] == "zeroshot":
+        argv = argv[1:]
     from types import SimpleNamespace
     from common import cleanup, load_checkpoint, print0, setup_runtime, write_json
     from data import WordPieceTokenizer, load_jsonl
     from checkpoints import checkpoint_kind, load_official_stage2
     from model import Stage2Model
-    p = argparse.ArgumentParser(description="Zero-shot retrieval (cosine, then matching re-ranking of the top k) and "
+    p = argparse.ArgumentParser(prog="evaluate.py [zeroshot]", description="Zero-shot retrieval (cosine, then matching re-ranking of the top k) and "
                                 "zero-shot classification of a stage-2 checkpoint on the val.jsonl of --data.")
     p.add_argument("--ckpt", required=True, help="a stage-2 checkpoint: train_stage2.py's, or a released "
                    "InternVideo2 stage-2 (video-text) file")

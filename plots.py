@@ -204,6 +204,29 @@ def probe_figure(table, chance=None, title="held-out probe accuracy"):
     return fig
 
 
+def diagnosis_figure(d, title="where the knowledge lives (held-out ToyWorld)"):
+    """evaluate.diagnose's accuracies as a heat map, one row per representation, one column per attribute, each
+    cell written out (the text tower's cosines, where lower is better, stay in the table)."""
+    import numpy as np
+    rows = {k: v for k, v in d["rows"].items() if not d["measure"][k].startswith("cosine")}
+    cols = [c for c in ("shape", "color", "size", "direction", "speed", "words", "caption")
+            if any(c in row for row in rows.values())]
+    names = list(rows)
+    m = [[np.nan if row.get(c) is None else row[c] for c in cols] for row in rows.values()]
+    m = np.array(m, dtype=float)
+    fig = _figure(2.2 + 0.75 * len(cols) + 0.055 * max(len(n) for n in names), 0.8 + 0.28 * len(names))
+    ax = fig.subplots()
+    ax.imshow(np.ma.masked_invalid(m), cmap="viridis", vmin=0, vmax=1, aspect="auto")
+    for (r, c), v in np.ndenumerate(m):
+        if not np.isnan(v):
+            ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=7, color="black" if v > 0.6 else "white")
+    ax.set_xticks(range(len(cols)), cols, fontsize=8)
+    ax.set_yticks(range(len(names)), names, fontsize=7)
+    ax.xaxis.tick_top()
+    ax.set_title(title, fontsize=9)
+    return fig
+
+
 def rows_figure(rows, frame=None, height=1.1):
     """Retrieval at a glance: rows = [(label, [(video (3, T, H, W), caption, correct), ...]), ...]; each
     clip shows one frame (the middle by default) with a green frame when correct, red otherwise."""

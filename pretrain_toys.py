@@ -10,7 +10,7 @@ seconds and saved with Hugging Face key names, to be loaded through the very fun
 The four toy checkpoints (these two and the two toy teachers of teachers.py) are shipped in toys/, as the real
 ones are downloaded; this rebuilds all four from ToyWorld (seed 0), bit for bit on the same machine and thread count:
 
-    python pretrain_toys.py --data=data/toyworld --out=toys      # about 12 minutes on 2 CPU cores
+    python pretrain_toys.py --data=data/toyworld --out=toys      # about 15 minutes on 2 CPU cores
 """
 import sys
 from pathlib import Path
@@ -52,15 +52,18 @@ def pretrain_toy_bert(data_root, tok, tcfg, path, steps=150, batch=64, lr=1e-3, 
     return path
 
 
-def pretrain_toy_llm(data_root, tok, lcfg, path, n_visual=16, steps=250, batch=64, lr=2e-3, max_len=48, seed=0):
-    """The stand-in for Mistral-7B: next-token training on ToyWorld's texts in the chat format, where
-    the n_visual video slots hold the clip's caption as words. A real LLM reads whatever its context
-    says; this teaches the toy one to read its video slots, so that stage 3's bridge has something to
-    write to (sub-stage 2 keeps the LLM frozen). Answers come from the slots, never from the video.
-    About 40 s on 2 CPU cores."""
+def pretrain_toy_llm(data_root, tok, lcfg, path, n_visual=16, steps=1000, batch=64, lr=2e-3, max_len=48, seed=0):
+    """The stand-in for Mistral-7B: next-token training on ToyWorld's texts in the chat format, where the n_visual
+    video slots hold the words for what the clip shows (its five attribute values) in random order at random slots.
+    A real LLM reads whatever its context says; this teaches the toy one to read its video slots, so that stage 3's
+    bridge has something to write to (sub-stage 2 keeps the LLM frozen). Two earlier versions failed there
+    (results/toyworld_motion.md): the caption itself in the slots, 250 steps, left the LLM unable to answer direction
+    even from the true caption; 1000 steps taught it to copy the caption's sentence, template and word order
+    included, which a bridge cannot write from a video. About 3 minutes on 2 CPU cores."""
+    from data import ATTRIBUTES, CAPTION_PROMPTS
     recs, _ = _texts(data_root)
-    convs = [(r["caption"], qa["q"], qa["a"]) for r in recs for qa in r.get("qa", []) if r.get("caption")]
-    convs += [(r["caption"], "describe the video.", r["caption"]) for r in recs if r.get("caption")]
+    convs = [(r, qa["q"], qa["a"]) for r in recs for qa in r.get("qa", []) if r.get("attrs")]
+    convs += [(r, p, r["caption"]) for r in recs if r.get("attrs") and r.get("caption") for p in CAPTION_PROMPTS]
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     llm = LLM(lcfg)
@@ -68,10 +71,11 @@ def pretrain_toy_llm(data_root, tok, lcfg, path, n_visual=16, steps=250, batch=6
     def loss_at(step):
         rows = []
         for i in torch.randint(len(convs), (batch,), generator=g).tolist():
-            description, q, a = convs[i]
+            rec, q, a = convs[i]
             ids, labels, mask, at = build_chat(tok, [(q, a)], n_visual, max_len)
-            words = tok.encode(description)[:n_visual]
-            ids[at:at + len(words)] = torch.tensor(words)      # the description sits where the video goes
+            words = [w for k in ATTRIBUTES for w in tok.encode(rec["attrs"][k])]       # what the clip shows
+            words = [words[j] for j in torch.randperm(len(words), generator=g).tolist()]
+            ids[at + torch.randperm(n_visual, generator=g)[:len(words)]] = torch.tensor(words)
             rows.append((ids, labels, mask))
         ids, labels, mask = (torch.stack([r[k] for r in rows]) for k in range(3))
         L = int(mask.sum(1).max())                             # drop the padding common to the batch

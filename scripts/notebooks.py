@@ -4,8 +4,8 @@
     python scripts/notebooks.py --write                # and store the new outputs in the files (to commit)
     python scripts/notebooks.py notebooks/01_stage1.ipynb
 
-The committed outputs are meant to be the ones a fresh clone produces: run --write where out/ holds no
-quick-start checkpoints (the notebooks use them when they exist).
+The notebooks read the quick start's models shipped in toys/ (scripts/ship_quickstart.py), never out/, so a fresh
+clone and this machine produce the same outputs.
 """
 import argparse
 import sys

@@ -3,7 +3,7 @@ figures' mean and spread. Seed 0 is README's first command with its defaults spe
 --data=data/toyworld, out/stage{1,2,3});
 seed s > 0 writes ToyWorld with seed s to data/toyworld_seed{s} and runs into out/seed{s}/.
 
-    python scripts/seeds.py --seeds=0,1,2          # about 15 minutes a seed on 2 CPU cores
+    python scripts/seeds.py --seeds=0,1,2          # about 17 minutes a seed on 2 CPU cores
     python scripts/seeds.py --seeds=0,1,2 --skip_runs=True    # only summarise the metrics already there
     python scripts/seeds.py --seeds=0,1,2 --skip_runs=True --seconds0=330,240,210   # ... seed 0 timed by hand
 
@@ -17,10 +17,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-HEADLINE = {"stage1": ["attn_probe_acc_student", "attn_probe_student_shape", "attn_probe_student_direction",
-                       "attn_probe_student_speed", "attn_probe_acc_random_init", "attn_probe_teacher_mae_direction",
-                       "attn_probe_teacher_mae_speed", "attn_probe_teacher_clip_direction", "probe_acc_student"],
-            "stage2": ["t2v_r1", "t2v_r1_rerank", "t2av_r1", "t2av_r1_rerank", "t2a_r1", "zeroshot_cls_acc"],
+ATTRS = ("shape", "color", "size", "direction", "speed")
+HEADLINE = {"stage1": [f"{kind}_student_{a}" for kind in ("probe", "mean_probe") for a in ATTRS]
+                      + ["probe_acc_student", "mean_probe_acc_student", "probe_acc_random_init"],
+            "stage2": ["t2v_r1", "t2v_r1_rerank", "v2t_r1", "v2t_r1_rerank", "t2av_r1", "t2av_r1_rerank", "t2a_r1",
+                       "zeroshot_cls_acc"],
             "stage3": ["qa_acc", "qa_acc_color", "qa_acc_size", "qa_acc_shape", "qa_acc_direction", "qa_acc_speed",
                        "caption_acc"]}
 

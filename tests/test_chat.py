@@ -46,13 +46,13 @@ def _moved(trained, folder, keep_tokenizers):
 
 
 def test_the_checkpoint_carries_its_tokenizers_and_chat_runs_anywhere(trained, toyworld, tmp_path, monkeypatch):
-    from chat import chat_tokenizers
+    from checkpoints import stage3_tokenizers
     from data import ToyLLMTokenizer, WordPieceTokenizer
     bert, llm = WordPieceTokenizer(toyworld / "vocab.txt"), ToyLLMTokenizer(toyworld / "vocab.txt")
     for path in (trained["ckpt"], trained["sub"]):                     # both checkpoints train_stage3 writes
         ck = torch.load(path, weights_only=False)
         assert ck["tokenizers"]["vocab"] == bert.itos and ck["tokenizers"]["llm_vocab"] == bert.itos
-        b, l = chat_tokenizers(ck, path)
+        b, l = stage3_tokenizers(ck, path)
         assert b.itos == bert.itos and l.itos == llm.itos
         assert l.encode(f"[INST] {QUESTION} [/INST]") == llm.encode(f"[INST] {QUESTION} [/INST]")
     expected = _chat(trained, f"--question={QUESTION}")

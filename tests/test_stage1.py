@@ -169,7 +169,7 @@ def test_probes_reach_metrics_json_by_name(toyworld, tmp_path):
     m = main(_args(toyworld, tmp_path, "--max_steps=1", "--eval=True", "--probe_train_clips=32", "--probe_steps=5"))
     saved = json.loads((tmp_path / "metrics.json").read_text())
     for net in ("student", "random_init", "teacher_clip", "teacher_mae"):
-        for kind in ("probe", "attn_probe"):
+        for kind in ("probe", "mean_probe") + (("attn_probe",) if net in ("student", "random_init") else ()):
             assert 0 <= saved[f"{kind}_acc_{net}"] <= 1 and f"{kind}_{net}_direction" in saved, (kind, net)
     assert m["probe_chance"] == saved["probe_chance"]
 
