@@ -4,7 +4,9 @@ N optimizer steps on random inputs through a stage's real models, teachers, mask
 objective functions the stage scripts train, losses.stage*_objective, through common.train_step),
 then a one-line report: step time (median),
 clips/s, MFU, peak memory, and the time of each part of the step. `--stage=loader` instead measures
-how many clips/s the DataLoader decodes and augments per worker.
+how many clips/s the DataLoader decodes and augments per worker; `--stage=decode` times one video file's
+decoders side by side (ours, the whole-file decode it replaced, decord and torchcodec where they load), each in a
+fresh process: clips/s for one worker and the peak memory its decoding adds.
 
     python bench.py                                   # stage 1, toy presets, CPU: seconds
     python bench.py --stage=2 --preset=toy
@@ -15,6 +17,8 @@ how many clips/s the DataLoader decodes and augments per worker.
     python bench.py --stage=3 --preset=1B --qformer=base --llm=mistral-7b --batch_size=8 --compile
     python bench.py --stage=loader --data=data/toyworld --workers=0,1,2
     python bench.py --stage=loader --make_frames=64 --data=/tmp/frames224 --img_size=224 --workers=1,4,8
+    python bench.py --stage=decode                   # 8 frames at 224 px from a 10-s 480p H.264 file it writes
+    python bench.py --stage=decode --video=my.mp4 --num_frames=16
 
 FLOPs are counted, not estimated: torch.utils.flop_counter.FlopCounterMode records every matmul,
 convolution and attention call of one real eager step (forward + backward) with its shapes, at
@@ -59,7 +63,7 @@ PEAK_BF16 = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 98
 
 @dataclass
 class BenchConfig:
-    stage: str = "1"                # 1 | 2 | 3 | loader
+    stage: str = "1"                # 1 | 2 | 3 | loader | decode
     preset: str = "toy"             # vision preset: toy | S | B | L | 1B | 6B
     clip_teacher: str = "toy"       # stage 1: toy | internvit-6b (random weights)
     mae_teacher: str = "toy"        # stage 1: toy | videomae-g (random weights)
@@ -89,10 +93,15 @@ class BenchConfig:
     workers: str = "0,1,2"          # worker counts to try
     loader_batches: int = 20        # batches timed per worker count
     make_frames: int = 0            # first write this many synthetic clips as 256-px JPEG frame folders to --data
+    # decode
+    video: str = ""                 # the file to decode; empty = write a 10-s 480p 30-fps H.264 clip to a temp dir
+    decoders: str = "ours,whole_file,decord,torchcodec"   # those that cannot be imported are reported as such
+    decode_clips: int = 12          # clips timed per decoder (half evaluation picks, half training picks)
     out: str = ""                   # append the result as one JSON line to this file
 
     def validate(self):
-        check(self.stage in ("1", "2", "3", "loader"), f"--stage must be 1, 2, 3 or loader, got {self.stage!r}")
+        check(self.stage in ("1", "2", "3", "loader", "decode"),
+              f"--stage must be 1, 2, 3, loader or decode, got {self.stage!r}")
         check(self.substage in (1, 2, 3), "--substage must be 1, 2 or 3")
         check(self.batch_size > 0 and self.steps > 0 and self.warmup >= 0, "--batch_size, --steps must be > 0")
         check(self.frozen_dtype in ("auto", "float32"), "--frozen_dtype must be auto or float32")
@@ -100,7 +109,7 @@ class BenchConfig:
               f"--teacher_dtype must be auto, float8 or float8_tensor, got {self.teacher_dtype!r}")
         check(self.teacher_dtype == "auto" or self.stage == "1", "--teacher_dtype is a stage-1 option")
         if not self.num_frames:
-            self.num_frames = {"1": 8, "2": 4, "3": 8, "loader": 8}[self.stage]
+            self.num_frames = {"1": 8, "2": 4, "3": 8, "loader": 8, "decode": 8}[self.stage]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -417,6 +426,81 @@ def bench_loader(cfg):
     return res
 
 
+def _decode_worker(name, path, num_frames, short_side, clips, queue):
+    """One decoder in a fresh process: `clips` reads of num_frames frames shrunk to short_side (alternately the
+    evaluation and a training pick); puts (seconds per clip, median; peak RSS growth in MiB) or an error line."""
+    import numpy as np
+    from data import frame_indices, read_frames, shrink_frame
+
+    def status_mib(key):                   # VmRSS (now) or VmHWM (peak since the last reset), Linux
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(key + ":")) / 1024
+    try:
+        if name == "ours":                  # keyframe seeks, only the picks converted, shrunk by swscale
+            import av  # noqa: F401          (imported before the baseline, as the others' libraries are)
+
+            def read(pick):
+                return read_frames(path, pick, short_side=short_side)
+        elif name == "whole_file":          # the reader before: every frame to RGB, then the picks
+            import av
+
+            def read(pick):
+                with av.open(path) as c:
+                    frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+                return np.stack([shrink_frame(frames[i], short_side) for i in pick(len(frames))])
+        elif name == "decord":
+            import decord
+
+            def read(pick):
+                vr = decord.VideoReader(path, num_threads=1)
+                return np.stack([shrink_frame(f, short_side) for f in vr.get_batch(pick(len(vr))).asnumpy()])
+        elif name == "torchcodec":
+            from torchcodec.decoders import VideoDecoder
+
+            def read(pick):
+                d = VideoDecoder(path, dimension_order="NHWC")
+                batch = d.get_frames_at(pick(len(d))).data.numpy()
+                return np.stack([shrink_frame(f, short_side) for f in batch])
+        else:
+            raise ValueError(f"unknown decoder {name!r}")
+        rng = np.random.default_rng(0)
+        with open("/proc/self/clear_refs", "w") as f:   # reset the peak: the imports' own peak does not count
+            f.write("5")
+        base, times = status_mib("VmRSS"), []   # libraries imported, nothing decoded (the median skips a slow first)
+        for i in range(clips):
+            t0 = time.perf_counter()
+            out = read(lambda n: frame_indices(n, num_frames, train=bool(i % 2), rng=rng))
+            times.append(time.perf_counter() - t0)
+        assert out.shape[0] == num_frames
+        queue.put((sorted(times)[len(times) // 2], max(0.0, status_mib("VmHWM") - base)))
+    except Exception as e:                  # not installed, or its libraries missing: one line for the report
+        queue.put(f"{type(e).__name__}: {str(e).splitlines()[0][:120]}")
+
+
+def bench_decode(cfg):
+    """Clips/s (one process, median over --decode_clips) and the peak memory growth of each decoder on one file."""
+    import multiprocessing as mp
+    import tempfile
+    path = cfg.video
+    if not path:
+        from data import index_clip, write_video
+        path = str(Path(tempfile.mkdtemp()) / "clip_10s_480p.mp4")
+        write_video(path, index_clip(300, 480, 640), fps=30, options={"crf": "23"})   # x264 defaults otherwise
+    short_side = cfg.img_size or 224
+    res = {"stage": "decode", "video": path, "num_frames": cfg.num_frames, "short_side": short_side,
+           "clips": cfg.decode_clips, "decoders": {}}
+    ctx = mp.get_context("spawn")          # a fresh process each: peak memory is the decoder's alone
+    for name in cfg.decoders.split(","):
+        q = ctx.Queue()
+        p = ctx.Process(target=_decode_worker, args=(name, path, cfg.num_frames, short_side, cfg.decode_clips, q))
+        p.start()
+        got = q.get()
+        p.join()
+        res["decoders"][name] = ({"clips_per_s": 1 / got[0], "s_per_clip": got[0], "peak_mib": got[1]}
+                                 if isinstance(got, tuple) else {"error": got})
+    return res
+
+
 def make_frame_folders(root, n, size=256, frames=16):
     """n synthetic clips as folders of JPEG frames (the pre-extracted-frames layout) + train.jsonl."""
     import numpy as np
@@ -435,6 +519,12 @@ def make_frame_folders(root, n, size=256, frames=16):
 
 
 def report(res):
+    if res["stage"] == "decode":
+        rows = [f"  {k:<11} " + (f"{v['clips_per_s']:6.1f} clips/s ({v['s_per_clip'] * 1000:.0f} ms a clip), "
+                                 f"peak memory +{v['peak_mib']:.0f} MiB" if "error" not in v else f"not run: {v['error']}")
+                for k, v in res["decoders"].items()]
+        return (f"decode {res['video']}: {res['num_frames']} frames at {res['short_side']} px, one process, median of "
+                f"{res['clips']} clips\n" + "\n".join(rows))
     if res["stage"] == "loader":
         per = ", ".join(f"{w} workers {v:.1f}" for w, v in res["clips_per_s"].items())
         return f"loader {res['data']} ({res['img_size']} px, {res['num_frames']} frames): clips/s {per}"
@@ -457,7 +547,7 @@ def fidelity_line(res):
 
 def main(argv=None):
     cfg = parse_config(BenchConfig(), sys.argv[1:] if argv is None else argv, __doc__)
-    res = bench_loader(cfg) if cfg.stage == "loader" else bench_stage(cfg)
+    res = {"loader": bench_loader, "decode": bench_decode}.get(cfg.stage, bench_stage)(cfg)
     print(report(res), flush=True)
     if cfg.out:
         with open(cfg.out, "a") as f:

@@ -275,42 +275,192 @@ def load_jsonl(path, skip_bad=False, required=("video",)):
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
-def read_frames(path, indices_fn, frame_fn=None):
+CONTAINER_SEEK_AHEAD = 48   # before two keyframes are seen: decode forward up to this many frames, further seek
+
+
+def read_frames(path, indices_fn, frame_fn=None, short_side=None, src_hw=None, stats=None):
     """Decode the frames of one video. `indices_fn(n_frames) -> list of frame indices` picks which
-    frames to decode; `frame_fn` (optional) maps each picked (H, W, 3) frame as soon as it is decoded
-    (the frame cache downscales there, so a long clip never sits in memory at full size). Returns
-    uint8 (T, H, W, 3). Raises DataError naming the file."""
+    frames to decode; `frame_fn` (optional) maps each picked (H, W, 3) frame as soon as it is decoded.
+    `short_side` (optional) shrinks every frame to at most that short side as it is decoded (shrink_frame;
+    a video file does it in FFmpeg's scaler, before the RGB conversion), and `src_hw`, a list, receives the
+    (H, W) the video was stored at. Returns uint8 (T, H, W, 3). Raises DataError naming the file.
+
+    Video files (mp4, webm, mkv, ... through PyAV) are never decoded whole: see _read_container, which counts
+    its seeks and decoded frames into `stats` (a dict) when given one (tests and bench.py read them)."""
+    shrink = (lambda f: shrink_frame(f, short_side)) if short_side else (lambda f: f)
     fn = frame_fn or (lambda f: f)
+
+    def keep(frame):                            # (H, W, 3) at the stored size -> what the caller wants
+        if src_hw is not None:
+            src_hw[:] = frame.shape[:2]
+        return fn(shrink(frame))
     path = Path(path)
     try:
         if path.is_dir():                                     # a folder of frame images
             files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTS)
             if not files:
                 raise DataError(f"{path}: frame folder has no images")
-            return np.stack([fn(np.asarray(Image.open(files[i]).convert("RGB"))) for i in indices_fn(len(files))])
+            return np.stack([keep(np.asarray(Image.open(files[i]).convert("RGB"))) for i in indices_fn(len(files))])
         if not path.exists():
             raise DataError(f"{path}: video file does not exist")
-        if path.suffix.lower() in (".gif", ".webp", ".png"):
+        if is_frame_store(path):
             with Image.open(path) as im:
                 out = []
                 for i in indices_fn(getattr(im, "n_frames", 1)):
                     im.seek(i)
-                    out.append(fn(np.asarray(im.convert("RGB"))))
+                    out.append(keep(np.asarray(im.convert("RGB"))))
                 return np.stack(out)
         try:
             import av
         except ImportError:
             raise DataError(f"{path}: reading {path.suffix} videos needs PyAV (pip install av), or "
                             f"convert the video to a frame folder, GIF or WebP") from None
-        with av.open(str(path)) as container:
-            frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
-        if not frames:
-            raise DataError(f"{path}: no video frames")
-        return np.stack([fn(frames[i]) for i in indices_fn(len(frames))])
+        return _read_container(av, path, indices_fn, fn, short_side, src_hw, {} if stats is None else stats)
     except DataError:
         raise
     except Exception as e:                                    # corrupt or unreadable media
         raise DataError(f"{path}: cannot decode video ({type(e).__name__}: {e})") from None
+
+
+def _read_container(av, path, indices_fn, fn, short_side, src_hw, stats):
+    """The picked frames of a video file, decoded with PyAV without decoding the whole file: the frame count
+    comes from the container (or its duration x frame rate), each picked frame is reached by a keyframe seek
+    and decoding forward from there, or by decoding forward alone when it is no further ahead than the
+    keyframe spacing seen so far (a seek could not land closer; CONTAINER_SEEK_AHEAD until two keyframes are
+    seen), and only the picked frames are converted to RGB, shrunk to `short_side` in the same step. Memory: the picked frames, whatever the video's length. A frame's index is its time x the
+    average frame rate, so a variable-rate file is read at the nearest frames. A file without a usable
+    frame rate or count is decoded from the start, converting only the picked frames."""
+    with av.open(str(path)) as container:
+        if not container.streams.video:
+            raise DataError(f"{path}: no video stream")
+        stream = container.streams.video[0]
+        # one decoding thread: DataLoader workers are the parallelism, and frame threads would delay every frame
+        # after a seek (measured: 8 frames from 10 s of 480p took 144 ms with FFmpeg's threads, 113 ms without)
+        H, W = stream.codec_context.height, stream.codec_context.width
+        size = {}
+        if short_side and min(H, W) > short_side:   # shrink_frame's size, done by swscale
+            k = short_side / min(H, W)
+            size = dict(width=max(1, round(W * k)), height=max(1, round(H * k)), interpolation="AREA")
+        rate = float(stream.average_rate or stream.guessed_rate or 0)
+        n = stream.frames
+        if not n and rate and stream.duration:      # webm/mkv store no count: duration x rate
+            n = int(round(float(stream.duration * stream.time_base) * rate))
+        if not n or not rate:                       # nothing to seek by: count the packets, then decode once
+            n = sum(1 for packet in container.demux(stream) if packet.size)
+            if not n:
+                raise DataError(f"{path}: no video frames")
+            picks = indices_fn(n)
+            container.seek(0)
+            frames, stats["seeks"] = {}, 0
+            for i, frame in enumerate(container.decode(stream)):
+                stats["decoded"] = i + 1
+                if i in picks:
+                    frames[i] = frame
+                if i >= max(picks):
+                    break
+            for i in picks:                          # a count above the frames decoded: the last frame again
+                frames.setdefault(i, frames[max(frames)] if frames else None)
+            if any(f is None for f in frames.values()):
+                raise DataError(f"{path}: no video frames")
+        else:
+            picks = indices_fn(n)
+            t0 = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
+            frames, at, it = {}, None, None          # at: index of the last decoded frame; it: the decoder
+            keys = set()                             # indices of the keyframes decoded so far
+            stats.update(seeks=0, decoded=0)
+            for want in sorted(set(picks)):
+                ks = sorted(keys)
+                spacing = min((b - a for a, b in zip(ks, ks[1:])), default=CONTAINER_SEEK_AHEAD)
+                if at is None or want <= at or want - at > spacing:
+                    # seek to the keyframe at or before the wanted time (in the stream's time base)
+                    container.seek(int((t0 + want / rate) / stream.time_base), stream=stream, backward=True)
+                    it, at = container.decode(stream), None
+                    stats["seeks"] += 1
+                last = None
+                for frame in it:                     # decode forward to the wanted frame (or the file's end)
+                    last = frame
+                    stats["decoded"] += 1
+                    at = int(round((frame.time - t0) * rate)) if frame.time is not None else (at or -1) + 1
+                    if frame.key_frame:
+                        keys.add(at)
+                    if at >= want:
+                        break
+                if last is None:                     # past the end (a short count): the last frame again
+                    last = frames[max(frames)] if frames else None
+                if last is None:
+                    raise DataError(f"{path}: no video frames")
+                frames[want] = last
+        if src_hw is not None:
+            src_hw[:] = (H, W)
+        rgb = {i: fn(f.to_ndarray(format="rgb24", **size)) for i, f in frames.items()}
+        stats["converted"] = len(rgb)
+        return np.stack([rgb[i] for i in picks])
+
+
+def video_encoder():
+    """The codec write_video uses here: H.264 when the installed PyAV can encode it, else MPEG-4 Part 2."""
+    import av
+    for name in ("libx264", "mpeg4"):
+        try:
+            av.codec.Codec(name, "w")
+            return name
+        except Exception:
+            pass
+    raise DataError("this PyAV can encode neither H.264 nor MPEG-4")
+
+
+def write_video(path, frames, fps=30, codec=None, options=None, audio=None, sample_rate=16000):
+    """uint8 (T, H, W, 3) -> a video file (mp4, webm, mkv, ... by its suffix) through PyAV; H and W even.
+    codec: default VP9 for .webm, else video_encoder(); options: the encoder's (e.g. {"crf": "18", "g": "30"});
+    audio: an optional float (N,) mono track in [-1, 1] at sample_rate, stored as AAC (Opus in .webm, at 8, 12,
+    16, 24 or 48 kHz). For tests, bench.py and converting clips; not used in training."""
+    import av
+    path = Path(path)
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream(codec or ("libvpx-vp9" if path.suffix.lower() == ".webm" else video_encoder()),
+                                rate=fps)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        stream.options = dict(options or {})
+        sound = None
+        if audio is not None:
+            sound = out.add_stream("libopus" if path.suffix.lower() == ".webm" else "aac", rate=sample_rate)
+            sound.layout = "mono"
+        for f in frames:
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")))
+        out.mux(stream.encode())
+        if sound is not None:
+            chunk = 1024
+            pcm = (np.clip(audio, -1, 1) * 32767).astype(np.int16)
+            for s in range(0, len(pcm), chunk):
+                frame = av.AudioFrame.from_ndarray(pcm[None, s:s + chunk], format="s16", layout="mono")
+                frame.sample_rate = sample_rate
+                out.mux(sound.encode(frame))
+            out.mux(sound.encode())
+    return path
+
+
+def index_clip(n, height, width, bits=10, seed=0):
+    """uint8 (n, height, width, 3): a smooth random picture whose frame i carries i in binary as `bits` black or
+    white blocks along its top eighth (read back with clip_index), so a test or a benchmark can tell which frame
+    a decoder returned after lossy compression."""
+    rng = np.random.default_rng(seed)
+    coarse = (rng.random((9, 12, 3)) * 120 + 60).astype(np.uint8)                 # upsampled: compressible
+    base = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BILINEAR))
+    out = np.repeat(base[None], n, axis=0)
+    bw = width // bits
+    for i in range(n):
+        out[i, :, :, 0] = (base[:, :, 0].astype(np.int64) + 3 * i) % 256      # the picture changes too
+        for b in range(bits):
+            out[i, : height // 8, b * bw:(b + 1) * bw] = 255 if (i >> b) & 1 else 0
+    return out
+
+
+def clip_index(frame, bits=10):
+    """The frame index index_clip wrote into a (H, W, 3) frame (at any size: the blocks scale with it)."""
+    H, W = frame.shape[:2]
+    cols = np.linspace(0, W, bits + 1)
+    return sum(1 << b for b in range(bits)
+               if frame[: max(1, H // 10), int(cols[b]) + 1:max(int(cols[b]) + 2, int(cols[b + 1]) - 1)].mean() > 127)
 
 
 def cache_short_side(img_size, crop_scale):
@@ -333,9 +483,17 @@ def shrink_frame(frame, short_side):
     return np.asarray(Image.fromarray(frame).resize((max(1, round(W * k)), max(1, round(H * k))), Image.BILINEAR))
 
 
+def is_frame_store(path):
+    """A folder of frames, a GIF or a WebP (short clips stored frame by frame, ToyWorld's kind), as against a
+    video file, which is decoded at the sampled frames only and never cached whole."""
+    path = Path(path)
+    return path.is_dir() or path.suffix.lower() in (".gif", ".webp", ".png")
+
+
 class FrameCache:
     """Decoded clips kept in memory, one store per process (each DataLoader worker fills its own):
-    every frame of a clip, shrunk by shrink_frame, while the store holds less than the budget; after
+    every frame of a frame-store clip (is_frame_store; a video file is read at its picked frames each time,
+    which is fast: read_frames), shrunk by shrink_frame, while the store holds less than the budget; after
     that further clips are decoded each time (one note on stderr), and shrunk the same way, so that a
     sample never depends on which clips this process happened to cache first (resume stays exact)."""
 
@@ -346,14 +504,10 @@ class FrameCache:
         """read_frames through the cache -> (uint8 (T, h, w, 3), the (H, W) the video was decoded at)."""
         key = (str(path), short_side)
         if key not in self.clips:
-            src = []
-
-            def shrink(frame):                     # shrink as decoded; remember the source size for the crop
-                src[:] = frame.shape[:2]
-                return shrink_frame(frame, short_side)
-            if self.full:                          # no room: decode only the picked frames
-                return read_frames(path, indices_fn, shrink), tuple(src)
-            frames = read_frames(path, lambda n: range(n), shrink)
+            src = []                               # the source size, for the crop (video_transform's src_hw)
+            if self.full or not is_frame_store(path):   # no room, or a video file: decode only the picked frames
+                return read_frames(path, indices_fn, short_side=short_side, src_hw=src), tuple(src)
+            frames = read_frames(path, lambda n: range(n), short_side=short_side, src_hw=src)
             if self.nbytes + frames.nbytes > budget_mb * 2 ** 20:
                 self.full = True
                 print(f"frame cache: the {budget_mb} MB budget is reached in this process ({len(self.clips)} "
@@ -432,8 +586,10 @@ class VideoTextDataset(torch.utils.data.Dataset):
     for up to 5000 clips (ToyWorld: 120 MB), where a worker revisits its clips every epoch. Cached
     clips are stored shrunk to cache_short_side(img_size, crop_scale) on the short side (frames that
     small, like ToyWorld's, exactly as decoded, so results are bit-identical with the cache off), up
-    to cache_mb per process (x workers x ranks); beyond it clips are decoded each time. Frames larger
-    than that see a tiny resampling difference between cache on and off (see video_transform).
+    to cache_mb per process (x workers x ranks); beyond it clips are decoded each time. Uncached clips (video
+    files always: read_frames decodes only the picked frames) are shrunk the same way as they are decoded, so
+    cache on and off give the same pixels; against decoding at full size, shrinking first is a tiny resampling
+    difference (see video_transform).
 
     All randomness of a sample (frame choice, crop, flip, mask noise) comes from a generator seeded
     by (seed, epoch, index), so a sample is the same whatever the worker, rank or world size, and a
@@ -478,7 +634,9 @@ class VideoTextDataset(torch.utils.data.Dataset):
             frames, src_hw = _FRAME_CACHE.frames(path, pick, cache_short_side(self.img_size, self.crop_scale),
                                                  self.cache_mb)
         else:
-            frames, src_hw = read_frames(path, pick), None
+            src = []
+            frames = read_frames(path, pick, short_side=cache_short_side(self.img_size, self.crop_scale), src_hw=src)
+            src_hw = tuple(src)
         out = {"video": video_transform(frames, self.img_size, self.train, rng, self.crop_scale, self.hflip, src_hw),
                "id": str(rec.get("id", rec["_line"]))}
         if self.extra is not None:
@@ -738,6 +896,9 @@ def load_fbank(path, frames, train, rng=None, sr=16000, allow_resample=False, n_
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: audio file does not exist")
+    if path.suffix.lower() not in SOUND_EXTS:          # a video file's sound track, as the official reads it
+        wave = read_audio_from_video(path, sr)
+        return _fbank_crop(wave, frames, train, rng, sr, n_mels)
     try:
         with sf.SoundFile(str(path)) as f:
             declared, file_sr, wave = f.frames, f.samplerate, f.read(dtype="float32", always_2d=True)
@@ -757,6 +918,11 @@ def load_fbank(path, frames, train, rng=None, sr=16000, allow_resample=False, n_
             raise DataError(f"{path}: sample rate {file_sr} Hz, the audio pipeline needs {sr} Hz; resample the "
                             f"file (ffmpeg -i in -ar {sr} out.wav) or pass --resample_audio=True")
         wave = resample(wave, file_sr, sr)
+    return _fbank_crop(wave, frames, train, rng, sr, n_mels)
+
+
+def _fbank_crop(wave, frames, train, rng, sr, n_mels):
+    """(N,) mono at sr -> the normalised fbank of a `frames` x 10 ms crop, zero-padded (load_fbank's end)."""
     max_len = (frames - 1) * (sr // 100) + sr * 25 // 1000                  # samples giving `frames` frames
     if wave.numel() > max_len:
         start = int(rng.integers(0, wave.numel() - max_len + 1)) if train else 0
@@ -765,6 +931,41 @@ def load_fbank(path, frames, train, rng=None, sr=16000, allow_resample=False, n_
         wave = F.pad(wave, (0, sr * 25 // 1000 - wave.numel()))
     fb = (kaldi_fbank(wave * 2 ** 15, sr, n_mels) - FBANK_MEAN) / (2 * FBANK_STD)
     return F.pad(fb, (0, 0, 0, frames - fb.shape[0]))
+
+
+SOUND_EXTS = (".wav", ".flac", ".ogg", ".oga", ".aiff", ".aif")     # read by soundfile; anything else by PyAV
+
+
+def read_audio_from_video(path, sr=16000):
+    """The sound track of a video file (mp4, webm, mkv, ...) -> float32 (N,) mono at sr, through PyAV: channels
+    averaged and resampled to sr, as the official loader for lines without an audio file
+    (`load_full_audio_av`, MM/dataset/av_utils.py:128-176: mean of two channels at :154, resampling at :160;
+    enabled per dataset by `read_audio_from_video`, MM/dataset/pt_dataset.py:284, 314-318). Raises DataError
+    naming the file when there is no sound track."""
+    try:
+        import av
+    except ImportError:
+        raise DataError(f"{path}: reading sound from {Path(path).suffix} files needs PyAV (pip install av)") from None
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.audio:
+                raise DataError(f"{path}: no sound track in the video (give the line an 'audio' file)")
+            stream = container.streams.audio[0]
+            file_sr = stream.rate
+            # planar float, one row per channel; packed formats come back as (1, N * channels)
+            chunks = [f.to_ndarray().reshape(len(f.layout.channels), -1) if f.format.is_planar
+                      else f.to_ndarray().reshape(-1, len(f.layout.channels)).T for f in container.decode(stream)]
+    except DataError:
+        raise
+    except Exception as e:
+        raise DataError(f"{path}: cannot read its sound ({type(e).__name__}: {e})") from None
+    if not chunks:
+        raise DataError(f"{path}: the sound track holds no samples")
+    wave = np.concatenate(chunks, axis=1).astype(np.float32)
+    if np.issubdtype(chunks[0].dtype, np.integer):                 # s16 / s32 -> [-1, 1]
+        wave /= float(np.iinfo(chunks[0].dtype).max)
+    wave = torch.from_numpy(wave).mean(0)
+    return resample(wave, file_sr, sr) if file_sr != sr else wave
 
 
 def positive_id(rec, caption_key):
@@ -780,10 +981,12 @@ def positive_id(rec, caption_key):
     return zlib.crc32(key.encode())
 
 
-def stage2_fields(tokenizer, caption_keys, max_len, audio_frames=0, train=True, allow_resample=False):
+def stage2_fields(tokenizer, caption_keys, max_len, audio_frames=0, train=True, allow_resample=False,
+                  audio_from_video=False):
     """The dataset's `extra` for stage 2: every caption type a loss needs, tokenised (ids_<key>,
-    mask_<key>) with its positive id (pos_<key>), and the audio fbank when audio_frames > 0.
-    A missing caption raises DataError."""
+    mask_<key>) with its positive id (pos_<key>), and the audio fbank when audio_frames > 0: from the line's
+    `audio` file, or, for a line without one and audio_from_video, from the video file's sound track (the
+    official `read_audio_from_video`). A missing caption raises DataError."""
     def extra(rec, rng):
         out = {}
         for key in caption_keys:
@@ -793,10 +996,11 @@ def stage2_fields(tokenizer, caption_keys, max_len, audio_frames=0, train=True, 
             ids, mask = tokenizer.encode([text], max_len)
             out[f"ids_{key}"], out[f"mask_{key}"], out[f"pos_{key}"] = ids[0], mask[0], positive_id(rec, key)
         if audio_frames:
-            if not rec.get("audio"):
-                raise DataError("no 'audio' field, but an audio loss is enabled")
-            out["fbank"] = load_fbank(Path(rec["_root"]) / rec["audio"], audio_frames, train, rng,
-                                      allow_resample=allow_resample)
+            if not rec.get("audio") and not audio_from_video:
+                raise DataError("no 'audio' field, but an audio loss is enabled (--audio_from_video=True reads "
+                                "the video file's sound)")
+            out["fbank"] = load_fbank(Path(rec["_root"]) / (rec.get("audio") or rec["video"]), audio_frames, train,
+                                      rng, allow_resample=allow_resample)
         return out
     return extra
 

@@ -3,7 +3,9 @@
   extract_features   run a feature function over a dataset, sharded over ranks, gathered in order
   linear_probe       multinomial logistic regression (L-BFGS) on frozen features, weight decay
                      picked on a split of the training features
-  probe_attributes   a probe per ToyWorld attribute (shape, color, size, direction, speed)
+  attentive_probe    a learned query cross-attends to frozen tokens, then a linear layer (V-JEPA's protocol)
+  probe_labels       either probe on any labels (strings or ints): top-1 and per-class accuracy
+  probe_attributes   probe_labels per ToyWorld attribute (shape, color, size, direction, speed)
   evaluate_stage1    those probes on frozen features of the student, a random-init student, each teacher
   evaluate_stage2    zero-shot retrieval text<->video/audio/audio+video, VTM re-ranking of the top k,
                      zero-shot classification with prompt templates (MM/dataset/ret_dataset.py:283-297)
@@ -16,6 +18,9 @@ re-ranking; classification when every line has a `label`, or ToyWorld's `attrs`)
     python evaluate.py --ckpt=out/stage2/ckpt.pt --data=data/toyworld            # or: evaluate.py zeroshot ...
 Where each ToyWorld attribute lives along the three stages (a table, its JSON and a heat map):
     python evaluate.py diagnose --stage1=out/stage1/ckpt.pt --stage2=out/stage2/ckpt.pt --stage3=out/stage3/ckpt.pt
+The frozen features of any stage-1/2/3 checkpoint (or released stage-2 file) on any JSONL, and probes on its labels:
+    python evaluate.py features --ckpt=out/stage1/ckpt.pt --data=my_videos/val.jsonl --out=feats.npz
+    python evaluate.py probe --ckpt=out/stage1/ckpt.pt --data=my_videos --label=label     # train.jsonl, val.jsonl
 Each stage script also evaluates a checkpoint on its own with `--init_from=<ckpt> --max_steps=0`:
     python train_stage1.py --init_from=out/stage1/ckpt.pt --max_steps=0 --out_dir=out/stage1_eval
 """
@@ -30,13 +35,18 @@ from data import ATTRIBUTES, CAPTION_ATTRS, eval_loader
 
 
 @torch.no_grad()
-def extract_features(fn, dataset, rt, batch_size=64, limit=None, workers=0):
+def extract_features(fn, dataset, rt, batch_size=64, limit=None, workers=0, progress=""):
     """fn(batch) -> (B, D) features. Each rank reads its shard; returns (N, D) float32 on the CPU in
-    dataset order (the first `limit` samples if given), identical on every rank."""
+    dataset order (the first `limit` samples if given), identical on every rank. progress: a tqdm bar's
+    label (rank 0 only); "" for none."""
+    import sys
+    from tqdm import tqdm
     if limit is not None and limit < len(dataset):
         dataset = torch.utils.data.Subset(dataset, range(limit))
     feats, idxs = [], []
-    for batch in eval_loader(dataset, batch_size, rt.rank, rt.world, workers):
+    batches = eval_loader(dataset, batch_size, rt.rank, rt.world, workers)
+    for batch in tqdm(batches, desc=progress, disable=not (progress and rt.master), file=sys.stdout,
+                      dynamic_ncols=True):
         with rt.autocast():
             feats.append(fn(batch).float().cpu())
         idxs.append(batch["idx"])
@@ -60,15 +70,21 @@ def _fit_logreg(x, y, n_classes, wd, steps=100):
     return w.detach(), b.detach()
 
 
-def linear_probe(x_train, y_train, x_test, y_test, n_classes, wds=(1e-4, 1e-3, 1e-2, 1e-1)):
-    """Accuracy of a linear classifier on standardised frozen features. The weight decay is chosen on
-    a 20% split of the training features, then the probe is refit on all of them."""
+def linear_probe_predict(x_train, y_train, x_test, n_classes, wds=(1e-4, 1e-3, 1e-2, 1e-1)):
+    """(N_test,) class predictions of a linear classifier on standardised frozen features (N, D). The weight decay
+    is chosen on a 20% split of the training features, then the probe is refit on all of them."""
     mu, sd = x_train.mean(0), x_train.std(0) + 1e-6
     xtr, xte = (x_train - mu) / sd, (x_test - mu) / sd
     n_fit = int(0.8 * len(xtr))
     best = max(wds, key=lambda wd: _accuracy(*_fit_logreg(xtr[:n_fit], y_train[:n_fit], n_classes, wd),
                                              xtr[n_fit:], y_train[n_fit:]))
-    return _accuracy(*_fit_logreg(xtr, y_train, n_classes, best), xte, y_test)
+    w, b = _fit_logreg(xtr, y_train, n_classes, best)
+    return (xte @ w + b).argmax(1)
+
+
+def linear_probe(x_train, y_train, x_test, y_test, n_classes, wds=(1e-4, 1e-3, 1e-2, 1e-1)):
+    """Held-out accuracy of linear_probe_predict."""
+    return float((linear_probe_predict(x_train, y_train, x_test, n_classes, wds) == y_test).float().mean())
 
 
 def _accuracy(w, b, x, y):
@@ -93,11 +109,11 @@ class AttentiveProbe(torch.nn.Module):
         return self.head(self.attn(self.query.expand(x.shape[0], -1, -1), kv, kv)[0][:, 0])
 
 
-def attentive_probe(x_train, y_train, x_test, y_test, n_classes, steps=300, batch=64, lr=3e-3, wd=0.05,
-                    heads=4, seed=0):
-    """Accuracy of an attentive probe on frozen *tokens* (N, L, D), the protocol VideoMAE and V-JEPA use
-    for frozen video encoders: AttentiveProbe trained with AdamW on mini-batches. Unlike the linear probe
-    on a pooled vector it can find the object's tokens and compare them across frames."""
+def attentive_probe_predict(x_train, y_train, x_test, n_classes, steps=300, batch=64, lr=3e-3, wd=0.05, heads=4,
+                            seed=0):
+    """(N_test,) class predictions of an attentive probe on frozen *tokens* (N, L, D), the protocol VideoMAE and
+    V-JEPA use for frozen video encoders: AttentiveProbe trained with AdamW on mini-batches. Unlike the linear
+    probe on a pooled vector it can find the object's tokens and compare them across frames."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     mu, sd = x_train.mean((0, 1)), x_train.std((0, 1)) + 1e-6              # standardise per channel
@@ -114,24 +130,50 @@ def attentive_probe(x_train, y_train, x_test, y_test, n_classes, steps=300, batc
             opt.step()
             sched.step()
     with torch.no_grad():
-        pred = torch.cat([probe(xte[j:j + 256]).argmax(1) for j in range(0, len(xte), 256)])
+        return torch.cat([probe(xte[j:j + 256]).argmax(1) for j in range(0, len(xte), 256)])
+
+
+def attentive_probe(x_train, y_train, x_test, y_test, n_classes, steps=300, batch=64, lr=3e-3, wd=0.05, heads=4,
+                    seed=0):
+    """Held-out accuracy of attentive_probe_predict."""
+    pred = attentive_probe_predict(x_train, y_train, x_test, n_classes, steps, batch, lr, wd, heads, seed)
     return float((pred == y_test).float().mean())
 
 
-def attribute_labels(records, attr):
-    classes = ATTRIBUTES[attr]
-    return torch.tensor([classes.index(r["attrs"][attr]) for r in records])
+def label_indices(labels_train, labels_val, classes=None):
+    """Labels (strings or ints) -> (classes, y_train, y_val): class indices into `classes`, by default the sorted
+    set of the training labels. A held-out label that is not a class is a DataError naming it."""
+    from data import DataError
+    classes = list(classes or sorted(set(labels_train), key=lambda c: (isinstance(c, str), c)))
+    index = {c: i for i, c in enumerate(classes)}
+    for v in (*labels_train, *labels_val):
+        if v not in index:
+            raise DataError(f"label {v!r} is not among the training labels ({len(classes)}: "
+                            f"{', '.join(map(repr, classes[:8]))}{', ...' if len(classes) > 8 else ''})")
+    return classes, torch.tensor([index[v] for v in labels_train]), torch.tensor([index[v] for v in labels_val])
 
 
-def probe_attributes(feat_train, records_train, feat_val, records_val, probe=None):
-    """{attribute: held-out accuracy} for every ToyWorld attribute the records carry. probe: linear_probe
-    (the default, on (N, D) vectors) or attentive_probe (on (N, L, D) tokens)."""
+def probe_labels(f_train, labels_train, f_val, labels_val, predict=linear_probe_predict, classes=None):
+    """Fit a probe on frozen features and their labels, score it on the held-out ones: {"top1", "per_class":
+    {class: accuracy} for the classes the held-out set has, "chance": 1 / classes}. predict: linear_probe_predict
+    (the default, on (N, D) vectors), attentive_probe_predict (on (N, L, D) tokens) or any fn(x_train, y_train,
+    x_test, n_classes) -> predictions. classes: label_indices's (default: the sorted training labels)."""
+    classes, y_train, y_val = label_indices(labels_train, labels_val, classes)
+    hit = (predict(f_train, y_train, f_val, len(classes)) == y_val).float()
+    return {"top1": float(hit.mean()), "chance": 1 / len(classes),
+            "per_class": {str(c): float(hit[y_val == i].mean()) for i, c in enumerate(classes) if (y_val == i).any()}}
+
+
+def probe_attributes(feat_train, records_train, feat_val, records_val, predict=None):
+    """{attribute: held-out top-1} for every ToyWorld attribute the records carry: probe_labels with the attribute
+    as the label and ToyWorld's own list of its values as the classes. predict: as probe_labels."""
     out = {}
     for attr, classes in ATTRIBUTES.items():
         if not all("attrs" in r and attr in r["attrs"] for r in records_train + records_val):
             continue
-        out[attr] = (probe or linear_probe)(feat_train, attribute_labels(records_train, attr), feat_val,
-                                            attribute_labels(records_val, attr), len(classes))
+        labels = [[r["attrs"][attr] for r in recs] for recs in (records_train, records_val)]
+        out[attr] = probe_labels(feat_train, labels[0], feat_val, labels[1], predict or linear_probe_predict,
+                                 classes)["top1"]
     return out
 
 
@@ -173,12 +215,13 @@ def evaluate_stage1(student, teachers, cfg, vcfg, rt):
     feature_fns = stage1_features(student, random_init, teachers, rt.device)
     out, n_train = {}, min(cfg.probe_train_clips, len(sets["train"]))
     recs_train, recs_val = sets["train"].records[:n_train], sets["val"].records
-    attentive = lambda *a: attentive_probe(*a, steps=cfg.probe_steps)
+    attentive = lambda *a: attentive_probe_predict(*a, steps=cfg.probe_steps)
     for name, (pooled_fn, tokens_fn) in feature_fns.items():
         t0 = time.time()
         pooled = [extract_features(pooled_fn, sets["train"], rt, limit=n_train), extract_features(pooled_fn, sets["val"], rt)]
         tokens = [extract_features(tokens_fn, sets["train"], rt, limit=n_train), extract_features(tokens_fn, sets["val"], rt)]
-        kinds = {"probe": (pooled, linear_probe), "mean_probe": ([x.mean(1) for x in tokens], linear_probe)}
+        kinds = {"probe": (pooled, linear_probe_predict),
+                 "mean_probe": ([x.mean(1) for x in tokens], linear_probe_predict)}
         if cfg.probe_steps and name in ("student", "random_init"):
             kinds["attn_probe"] = (tokens, attentive)
         for kind, ((f_train, f_val), probe) in kinds.items():
@@ -319,9 +362,9 @@ def evaluate_stage2(model, tok, cfg, vcfg, acfg, rt):
     from data import VideoTextDataset, stage2_fields
     model.eval()
     keys = ["caption"] + (["audio_caption", "avs_caption"] if acfg else [])
-    ds = VideoTextDataset(Path(cfg.data) / "val.jsonl", cfg.num_frames, vcfg.img_size, train=False, seed=cfg.seed,
+    ds = VideoTextDataset(jsonl_file(cfg.data, "val"), cfg.num_frames, vcfg.img_size, train=False, seed=cfg.seed,
                           extra=stage2_fields(tok, keys, cfg.max_text_len, acfg.frames if acfg else 0, False,
-                                              cfg.resample_audio))
+                                              cfg.resample_audio, getattr(cfg, "audio_from_video", False)))
     dev, local = rt.device, []
     for batch in eval_loader(ds, cfg.eval_batch, rt.rank, rt.world):
         with rt.autocast():
@@ -667,7 +710,256 @@ def diagnosis_table(d):
 
 
 # ------------------------------------------------------------------------------------------------
-# the command: zero-shot evaluation of a stage-2 checkpoint on any folder with a val.jsonl
+# features and probes: any checkpoint with an InternVideo2 encoder, on any JSONL and any label field
+
+STAGE2_KINDS = ("stage-2 checkpoint", "released stage-2 file")
+CKPT_HELP = "a stage-1, 2 or 3 checkpoint of train_stage*.py, or a released InternVideo2 stage-2 file"
+
+
+def stage2_from_checkpoint(ck, path):
+    """A loaded --ckpt -> (Stage2Model, its evaluation settings): train_stage2.py's checkpoint with its run's config,
+    or a released InternVideo2 stage-2 file (checkpoints.load_official_stage2) with the official MSR-VTT zero-shot
+    settings (MM/scripts/evaluation/stage2/zero_shot/1B/config_msrvtt.py:19-31, 114). Any other file: ConfigError."""
+    from checkpoints import checkpoint_kind, load_official_stage2
+    from model import Stage2Model
+    kind = checkpoint_kind(ck)
+    if kind == "released stage-2 file":
+        model, _ = load_official_stage2(ck)
+        return model, {"num_frames": model.vision_encoder.cfg.num_frames, "max_text_len": 40, "rerank_k": 128}
+    if kind == "stage-2 checkpoint" and "model_config" in ck:
+        model = Stage2Model.from_config(ck["model_config"])
+        model.load_state_dict(ck["model"])
+        return model, ck["config"]
+    raise ConfigError(f"--ckpt={path} is a {kind}; --ckpt wants a stage-2 checkpoint (train_stage2.py, "
+                      f"or a released InternVideo2 stage-2 file)")
+
+
+def stage2_tokenizer(settings, vocab=""):
+    """The BERT tokenizer of a stage-2 checkpoint: --vocab, else the one its run used (a released file has none)."""
+    from data import WordPieceTokenizer
+    if not (vocab or "data" in settings):
+        raise ConfigError("an official checkpoint needs --vocab=<its BERT vocab.txt> (bert-large-uncased)")
+    return WordPieceTokenizer(vocab or settings.get("vocab") or Path(settings["data"]) / "vocab.txt")
+
+
+def frozen_video(ck, path, num_frames=0):
+    """What `features` and `probe` read of a loaded --ckpt: (model in eval mode, pooled, tokens, settings), with
+    pooled(video) -> (B, E) and tokens(video) -> (B, 1 + N, D), the last block's tokens; video (B, 3, T, H, W).
+      stage 2 (ours, or a released file): the Stage2Model; pooled is encode_video's projected embedding, the vector
+        that retrieval and zero-shot classification compare with the text's;
+      stage 1 or 3 (ours): the encoder alone, through the stages' hand-off (checkpoints.load_video_encoder); pooled
+        is its attention pool, the clip vector stage 1 distils and stage 2 starts from.
+    num_frames: the encoder's position table resized in time to that many frames (0: the checkpoint's)."""
+    from checkpoints import checkpoint_kind, load_video_encoder
+    from model import InternVideo2, VisionConfig
+    kind = checkpoint_kind(ck)
+    if kind in STAGE2_KINDS:
+        model, settings = stage2_from_checkpoint(ck, path)
+        pooled = lambda v: model.encode_video(v)[1]
+    elif kind in ("stage-1 checkpoint", "stage-3 checkpoint") and "model_config" in ck:
+        mc = ck["model_config"]                                   # stage 3 nests the encoder's config, stage 1 not
+        model = torch.nn.ModuleDict({"vision_encoder": InternVideo2(VisionConfig(**mc.get("vision", mc)))})
+        load_video_encoder(model, ck, path)
+        pooled, settings = model.vision_encoder, ck["config"]
+    else:
+        raise ConfigError(f"--ckpt={path} is a {kind}; features and probes read a stage-1, 2 or 3 checkpoint of "
+                          f"this repository or a released InternVideo2 stage-2 file")
+    enc = model.vision_encoder
+    if num_frames:
+        enc.set_num_frames(num_frames)
+    return model.eval(), pooled, lambda v: enc.forward_features(v)[0], settings
+
+
+def jsonl_file(data, split):
+    """--data -> the JSONL it names: a file as given, or <folder>/<split>.jsonl."""
+    p = Path(data)
+    if p.is_dir():
+        if not (p / f"{split}.jsonl").exists():
+            raise ConfigError(f"--data={data}: no {split}.jsonl there")
+        return p / f"{split}.jsonl"
+    if not p.is_file():
+        raise ConfigError(f"--data={data}: no such file or folder")
+    return p
+
+
+def data_tag(path):
+    """A short name for output files: a folder's name, or <folder>_<stem> for a JSONL file."""
+    p = Path(path).resolve()
+    return p.name if p.is_dir() else f"{p.parent.name}_{p.stem}"
+
+
+def seeded_split(n, val_fraction, seed):
+    """(train indices, held-out indices) of n lines, each list sorted: a random val_fraction held out, drawn from
+    `seed` alone, so the same file and seed give the same split anywhere; at least one line on each side."""
+    if not 0 < val_fraction < 1:
+        raise ConfigError(f"--val_fraction={val_fraction}: want a fraction between 0 and 1")
+    if n < 2:
+        raise ConfigError(f"a split needs at least 2 lines, the file has {n}")
+    n_val = min(n - 1, max(1, round(val_fraction * n)))
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return sorted(perm[n_val:]), sorted(perm[:n_val])
+
+
+def read_labels(records, field, jsonl):
+    """The `field` of every record, each a string or an int (DataError naming the line otherwise)."""
+    import json
+    from data import DataError
+    for r in records:
+        v = r.get(field)
+        if isinstance(v, bool) or not isinstance(v, (str, int)):
+            got = f"got {json.dumps(v)[:40]}" if field in r else "it has none"
+            raise DataError(f"{jsonl}:{r['_line']}: the label field {field!r} must be a string or an int, {got}")
+    return [r[field] for r in records]
+
+
+def features_main(argv):
+    """python evaluate.py features --ckpt=... --data=<folder or .jsonl> [--out=feats.npz]"""
+    import argparse
+    import numpy as np
+    from common import cleanup, load_checkpoint, setup_runtime
+    from data import VideoTextDataset, load_jsonl, stage2_fields
+    p = argparse.ArgumentParser(prog="evaluate.py features", description="The pooled video embedding of every line "
+                                "of a JSONL and, for a stage-2 checkpoint, the text embedding of its caption, saved "
+                                "with the lines' ids (the `id` field, else the line number) in an .npz: keys ids, "
+                                "video and text. Clips are read as evaluation reads them (the middle frame of each "
+                                "segment, the whole frame resized).")
+    p.add_argument("--ckpt", required=True, help=CKPT_HELP)
+    p.add_argument("--data", required=True, help="a .jsonl file, or a folder: its <split>.jsonl")
+    p.add_argument("--split", default="val", help="which JSONL of a --data folder: train | val")
+    p.add_argument("--out", default="", help=".npz file; default <ckpt dir>/features_<data>.npz")
+    p.add_argument("--batch_size", type=int, default=64, help="clips per batch")
+    p.add_argument("--num_frames", type=int, default=0, help="frames per clip; 0 = the checkpoint's")
+    p.add_argument("--vocab", default="", help="BERT vocab.txt for the captions (stage 2); default: the checkpoint's")
+    p.add_argument("--max_text_len", type=int, default=0, help="caption tokens; 0 = the checkpoint's (official: 40)")
+    p.add_argument("--device", default="auto")
+    a = p.parse_args(argv)
+    path = jsonl_file(a.data, a.split)
+    ck = load_checkpoint(a.ckpt)                                      # CheckpointError: one line (common.cli)
+    model, pooled, _, settings = frozen_video(ck, a.ckpt, a.num_frames)
+    records, _ = load_jsonl(path)
+    captions = hasattr(model, "encode_text") and all(isinstance(r.get("caption"), str) and r["caption"].strip()
+                                                     for r in records)
+    extra = None
+    if captions:
+        tok = stage2_tokenizer(settings, a.vocab)
+        extra = stage2_fields(tok, ["caption"], a.max_text_len or settings["max_text_len"], 0, train=False)
+    vcfg = model.vision_encoder.cfg
+    ds = VideoTextDataset(path, vcfg.num_frames, vcfg.img_size, train=False, extra=extra, cache=False)
+    rt = setup_runtime(a.device, "auto", 0)
+    if hasattr(model, "encode_text") and not captions:
+        print0(f"{path}: not every line has a caption: video embeddings only", rt=rt)
+    dev = rt.device
+    model.to(dev)
+
+    def fn(b):                         # -> (B, E), or (B, E + E_text) with the caption: one pass reads both
+        v = pooled(b["video"].to(dev))
+        if not captions:
+            return v
+        return torch.cat([v, model.encode_text(b["ids_caption"].to(dev), b["mask_caption"].to(dev))[1]], dim=1)
+    x = extract_features(fn, ds, rt, a.batch_size, progress=f"features of {path.name}")
+    out = {"ids": np.array([str(r.get("id", r["_line"])) for r in ds.records])}
+    if captions:
+        e_text = model.text_proj.out_features
+        out["video"], out["text"] = (t.numpy() for t in x.split([x.shape[1] - e_text, e_text], dim=1))
+    else:
+        out["video"] = x.numpy()
+    if rt.master:
+        dest = Path(a.out or Path(a.ckpt).parent / f"features_{data_tag(path)}.npz")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(dest, **out)
+        print(f"{len(ds)} clips of {path}: " + ", ".join(f"{k} {v.shape}" for k, v in out.items()) + f" -> {dest}")
+    cleanup(rt)
+    return out
+
+
+def probe_main(argv):
+    """python evaluate.py probe --ckpt=... --train=train.jsonl --val=val.jsonl [--label=label] [--probe=both]"""
+    import argparse
+    from common import cleanup, load_checkpoint, setup_runtime, write_json
+    from data import DataError, VideoTextDataset
+    p = argparse.ArgumentParser(prog="evaluate.py probe", description="Frozen-feature probes of a checkpoint on the "
+                                "labels of any JSONL: a linear probe (logistic regression) on the pooled video vector "
+                                "and an attentive probe (V-JEPA's protocol: a learned query cross-attends to the last "
+                                "block's tokens, then a linear layer). Top-1 and per-class accuracy on the held-out "
+                                "lines, printed and written to JSON.")
+    p.add_argument("--ckpt", required=True, help=CKPT_HELP)
+    p.add_argument("--train", default="", help="JSONL the probes are fitted on (with --val)")
+    p.add_argument("--val", default="", help="JSONL the probes are scored on (with --train)")
+    p.add_argument("--data", default="", help="instead of --train/--val: a folder with train.jsonl and val.jsonl, or "
+                   "one .jsonl split by --val_fraction and --seed")
+    p.add_argument("--val_fraction", type=float, default=0.2, help="share of one --data file held out")
+    p.add_argument("--seed", type=int, default=0, help="the held-out lines of one --data file are drawn from it")
+    p.add_argument("--label", default="label", help="the field holding each line's class (strings or ints; classes "
+                   "in the sorted order of the training labels)")
+    p.add_argument("--probe", default="both", choices=("linear", "attentive", "both"), help="which probes to fit "
+                   "(attentive keeps every clip's last-block tokens in memory: clips x tokens x width floats)")
+    p.add_argument("--probe_steps", type=int, default=300, help="AdamW steps of the attentive probe")
+    p.add_argument("--batch_size", type=int, default=64, help="clips per feature batch")
+    p.add_argument("--num_frames", type=int, default=0, help="frames per clip; 0 = the checkpoint's")
+    p.add_argument("--out", default="", help="JSON file; default <ckpt dir>/probe_<label>_<data>.json")
+    p.add_argument("--device", default="auto")
+    a = p.parse_args(argv)
+    if (a.train or a.val) and not (a.train and a.val and not a.data):
+        raise ConfigError("give --train and --val together (two JSONL files), or --data alone")
+    if not (a.train or a.data):
+        raise ConfigError("give --train=<jsonl> --val=<jsonl>, or --data=<folder with train.jsonl and val.jsonl, "
+                          "or one .jsonl to split by --val_fraction>")
+    one = a.data and not Path(a.data).is_dir()                         # one file: a seeded split of its lines
+    files = ({"train": Path(a.train), "val": Path(a.val)} if a.train else
+             {"all": jsonl_file(a.data, "")} if one else {s: jsonl_file(a.data, s) for s in ("train", "val")})
+    ck = load_checkpoint(a.ckpt)
+    model, pooled, tokens, _ = frozen_video(ck, a.ckpt, a.num_frames)
+    vcfg = model.vision_encoder.cfg
+    make = lambda f: VideoTextDataset(f, vcfg.num_frames, vcfg.img_size, train=False)
+    if one:
+        ds = make(files["all"])
+        split = dict(zip(("train", "val"), seeded_split(len(ds), a.val_fraction, a.seed)))
+        sets = {s: torch.utils.data.Subset(ds, idx) for s, idx in split.items()}      # sorted: dataset order kept
+        records = {s: [ds.records[i] for i in idx] for s, idx in split.items()}
+    else:
+        sets = {s: make(f) for s, f in files.items()}
+        records = {s: d.records for s, d in sets.items()}
+    source = {s: files.get(s, files.get("all")) for s in ("train", "val")}
+    labels = {s: read_labels(records[s], a.label, source[s]) for s in ("train", "val")}
+    try:                                                                # fail before any feature is computed
+        classes = label_indices(labels["train"], labels["val"])[0]
+    except DataError as e:
+        raise DataError(f"{source['val']}: {e}") from None
+    rt = setup_runtime(a.device, "auto", 0)
+    model.to(rt.device)
+    print0(f"{a.ckpt} on {len(records['train'])} training / {len(records['val'])} held-out clips "
+           f"({'a seeded split of ' + str(files['all']) if one else source['val']}), {len(classes)} classes of "
+           f"{a.label!r}, {vcfg.num_frames} frames", rt=rt)
+    kinds = {"linear": (pooled, linear_probe_predict),                  # (B, E) vectors
+             "attentive": (tokens, lambda *x: attentive_probe_predict(*x, steps=a.probe_steps))}   # (B, 1 + N, D)
+    out = {"ckpt": str(a.ckpt), "train": str(source["train"]), "val": str(source["val"]), "label": a.label,
+           "classes": [str(c) for c in classes], "n_train": len(records["train"]), "n_val": len(records["val"]),
+           "chance": 1 / len(classes)}
+    if one:
+        out.update(val_fraction=a.val_fraction, seed=a.seed)
+    for kind in (("linear", "attentive") if a.probe == "both" else (a.probe,)):
+        fn, predict = kinds[kind]
+        f = {s: extract_features(lambda b: fn(b["video"].to(rt.device)), sets[s], rt, a.batch_size,
+                                 progress=f"{kind} probe: {s} features") for s in ("train", "val")}
+        out[kind] = probe_labels(f["train"], labels["train"], f["val"], labels["val"], predict, classes)
+    if rt.master:
+        done = [k for k in ("linear", "attentive") if k in out]
+        count = {str(c): sum(str(v) == str(c) for v in labels["val"]) for c in classes}
+        print(f"{'class':<16} {'val':>5} " + " ".join(f"{k:>9}" for k in done))
+        for c in out["classes"]:
+            if count[c]:
+                print(f"{c[:16]:<16} {count[c]:>5} " + " ".join(f"{out[k]['per_class'][c]:>9.3f}" for k in done))
+        print(f"{'top-1':<16} {out['n_val']:>5} " + " ".join(f"{out[k]['top1']:>9.3f}" for k in done)
+              + f"   (chance {out['chance']:.3f})")
+        path = Path(a.out or Path(a.ckpt).parent / f"probe_{a.label}_{data_tag(source['val'])}.json")
+        write_json(path, out)
+        print(f"-> {path}")
+    cleanup(rt)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# the commands: diagnose; zero-shot evaluation of a stage-2 checkpoint on any folder with a val.jsonl
 
 def diagnose_main(argv):
     """python evaluate.py diagnose --stage1=... --stage2=... --stage3=... [--data=data/toyworld] [--out=...]"""
@@ -708,24 +1000,27 @@ def diagnose_main(argv):
 
 def main(argv=None):
     """python evaluate.py [zeroshot] --ckpt=out/stage2/ckpt.pt --data=<folder with val.jsonl> [--rerank_k=128]
-    python evaluate.py diagnose --stage1=... --stage2=... --stage3=..."""
+    python evaluate.py diagnose --stage1=... --stage2=... --stage3=...
+    python evaluate.py features --ckpt=... --data=<folder or .jsonl> [--out=feats.npz]
+    python evaluate.py probe --ckpt=... --train=<jsonl> --val=<jsonl> [--label=label] [--probe=linear|attentive|both]"""
     import argparse
     import sys
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] == "diagnose":
-        return diagnose_main(argv[1:])
+    commands = {"diagnose": diagnose_main, "features": features_main, "probe": probe_main}
+    if argv and argv[0] in commands:
+        return commands[argv[0]](argv[1:])
     if argv and argv[0] == "zeroshot":
         argv = argv[1:]
     from types import SimpleNamespace
     from common import cleanup, load_checkpoint, print0, setup_runtime, write_json
-    from data import WordPieceTokenizer, load_jsonl
-    from checkpoints import checkpoint_kind, load_official_stage2
-    from model import Stage2Model
+    from data import load_jsonl
     p = argparse.ArgumentParser(prog="evaluate.py [zeroshot]", description="Zero-shot retrieval (cosine, then matching re-ranking of the top k) and "
-                                "zero-shot classification of a stage-2 checkpoint on the val.jsonl of --data.")
+                                "zero-shot classification of a stage-2 checkpoint on the val.jsonl of --data "
+                                "(or the .jsonl it names).")
     p.add_argument("--ckpt", required=True, help="a stage-2 checkpoint: train_stage2.py's, or a released "
                    "InternVideo2 stage-2 (video-text) file")
-    p.add_argument("--data", required=True, help="folder with val.jsonl (the JSONL format of data.py)")
+    p.add_argument("--data", required=True, help="folder with val.jsonl, or a .jsonl file (the JSONL format of "
+                   "data.py)")
     p.add_argument("--vocab", default="", help="BERT vocab.txt; default: the one the checkpoint was trained with")
     p.add_argument("--num_frames", type=int, default=0, help="frames per clip; 0 = the checkpoint's")
     p.add_argument("--rerank_k", type=int, default=0, help="candidates re-ranked by the matching head; 0 = the checkpoint's")
@@ -735,30 +1030,16 @@ def main(argv=None):
     p.add_argument("--out", default="", help="JSON file for the figures; default <ckpt dir>/zeroshot_<data folder>.json")
     a = p.parse_args(argv)
     ck = load_checkpoint(a.ckpt)                                      # CheckpointError: one line (common.cli)
-    val = Path(a.data) / "val.jsonl"
-    if not val.exists():
-        raise ConfigError(f"--data={a.data}: no val.jsonl there (--data is a folder holding val.jsonl)")
-    kind = checkpoint_kind(ck)
-    if kind == "released stage-2 file":                               # a released InternVideo2 stage-2 file
-        model, _ = load_official_stage2(ck)
-        if not a.vocab:
-            raise ConfigError("an official checkpoint needs --vocab=<its BERT vocab.txt> (bert-large-uncased)")
-        # the official MSR-VTT zero-shot settings (MM/scripts/evaluation/stage2/zero_shot/1B/config_msrvtt.py:19-31, 114)
-        tc = {"num_frames": model.vision_encoder.cfg.num_frames, "max_text_len": 40, "rerank_k": 128}
-    elif kind == "stage-2 checkpoint" and "model_config" in ck:
-        model = Stage2Model.from_config(ck["model_config"])
-        model.load_state_dict(ck["model"])
-        tc = ck["config"]
-    else:
-        raise ConfigError(f"--ckpt={a.ckpt} is a {kind}; --ckpt wants a stage-2 checkpoint (train_stage2.py, "
-                          f"or a released InternVideo2 stage-2 file)")
+    val = jsonl_file(a.data, "val")
+    model, tc = stage2_from_checkpoint(ck, a.ckpt)                    # ours, or a released stage-2 file
+    tok = stage2_tokenizer(tc, a.vocab)
     rt = setup_runtime(a.device, "auto", 0)
     cfg = SimpleNamespace(data=a.data, num_frames=a.num_frames or tc["num_frames"], seed=0, eval_batch=a.batch,
                           max_text_len=a.max_text_len or tc["max_text_len"], rerank_k=a.rerank_k or tc["rerank_k"],
-                          resample_audio=tc.get("resample_audio", False))
+                          resample_audio=tc.get("resample_audio", False),
+                          audio_from_video=tc.get("audio_from_video", False))
     model.vision_encoder.set_num_frames(cfg.num_frames)
     model.to(rt.device)
-    tok = WordPieceTokenizer(a.vocab or tc.get("vocab") or Path(tc["data"]) / "vocab.txt")
     records, _ = load_jsonl(val)
     audio_keys = ("audio", "audio_caption", "avs_caption")
     acfg = model.audio_encoder.cfg if model.has_audio else None
@@ -769,7 +1050,7 @@ def main(argv=None):
     out = {"ckpt": str(a.ckpt), "data": str(val), "clips": len(records), "num_frames": cfg.num_frames,
            "rerank_k": cfg.rerank_k, **evaluate_stage2(model, tok, cfg, model.vision_encoder.cfg, acfg, rt)}
     if rt.master:
-        path = Path(a.out or Path(a.ckpt).parent / f"zeroshot_{Path(a.data).resolve().name}.json")
+        path = Path(a.out or Path(a.ckpt).parent / f"zeroshot_{data_tag(a.data)}.json")
         write_json(path, out)
         for name in ("t2v", "v2t", "t2a", "a2t", "t2av", "av2t"):
             if f"{name}_r1" in out:

@@ -46,6 +46,7 @@ class Stage2Config:
     hflip: bool = False             # random horizontal flip (the official flips; ToyWorld's directions forbid it)
     crop_scale: float = 0.8         # smallest random-resized-crop area (official 0.5)
     resample_audio: bool = False    # resample audio that is not 16 kHz instead of refusing it
+    audio_from_video: bool = False  # a line without `audio`: the video file's sound (MM/dataset/pt_dataset.py:314-318)
     # model
     preset: str = "toy"             # vision: toy | S | B | L | 1B | 6B
     text: str = "toy"               # text encoder: toy | bert-base | bert-large
@@ -165,7 +166,7 @@ def main(argv=None):
                                  cache=FRAME_CACHE[cfg.frame_cache], cache_mb=cfg.frame_cache_mb, noise_grid=(T, Np),
                                  crop_scale=(cfg.crop_scale, 1.0), hflip=cfg.hflip,
                                  extra=stage2_fields(tok, keys, cfg.max_text_len, audio_frames, True,
-                                                     cfg.resample_audio))
+                                                     cfg.resample_audio, cfg.audio_from_video))
 
     # ---- model, optimizer, resume ------------------------------------------------------------
     model = Stage2Model(vcfg, tcfg, acfg, cfg.contrastive_dim, cfg.av_dim)

@@ -29,6 +29,20 @@ def test_bench_loader_on_frame_folders(tmp_path):
     assert res["clips"] == len(ds) == 6 and ds[0]["video"].shape == (3, 8, 64, 64)
 
 
+def test_bench_decode_compares_decoders_on_one_file(tmp_path):
+    """--stage=decode on a small mp4: each decoder in its own process gives clips/s and its peak memory; one that is
+    not installed (or unknown) is reported in one line instead of failing the run."""
+    pytest.importorskip("av")
+    from data import index_clip, write_video
+    video = write_video(tmp_path / "v.mp4", index_clip(60, 96, 128), options={"g": "15"})
+    res = bench.main(["--stage=decode", f"--video={video}", "--decode_clips=2", "--img_size=48",
+                      "--decoders=ours,whole_file,nosuch"])
+    for name in ("ours", "whole_file"):
+        assert res["decoders"][name]["clips_per_s"] > 0 and res["decoders"][name]["peak_mib"] >= 0, res
+    assert "unknown decoder" in res["decoders"]["nosuch"]["error"]
+    assert "not run" in bench.report(res)
+
+
 def test_flop_counts_match_the_official_stage1_networks():
     """Per clip (README anchors, measured on the official code): InternViT-6B forward 24.6 T,
     VideoMAEv2-g forward 5.1 T, 1B student with heads forward + backward at 417 tokens 2.75 T."""
