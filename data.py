@@ -234,14 +234,101 @@ def make_toyworld(root=TOYWORLD, n_train=2000, n_val=500, seed=0, workers=2, ver
 PATH_KEYS = ("video", "audio")      # the record fields that name files, relative to the JSONL
 
 
-def load_jsonl(path, skip_bad=False, required=("video",)):
+def sample_file(data, split):
+    """--data (a folder) and a split -> its sample file: <split>.jsonl, else the official layout's <split>.json."""
+    for suffix in (".jsonl", ".json"):
+        if (Path(data) / f"{split}{suffix}").exists():
+            return Path(data) / f"{split}{suffix}"
+    return Path(data) / f"{split}.jsonl"             # absent: load_jsonl names it
+
+
+MIN_CAPTION_WORDS = 2   # the official loader drops shorter captions (min_caption_length, MM/dataset/pt_dataset.py:30)
+
+
+def _words(text):
+    return len(re.sub(r"[^\w\s]", " ", str(text).lower()).split())
+
+
+def official_record(anno):
+    """One record of the official annotation files -> this format's record, or a string saying why the official
+    loader would drop it. The layouts (read as they are, with the official field names):
+      stage 2 (MM/dataset/pt_dataset.py:127-160, 221-229, 289-301): {"video" or "image": path, "caption": str or
+        [str, ...], optional "audio", "asr", other keys holding "caption" (the audio-visual files' `*_caption(s)`), and
+        "video_start_frame" / "video_end_frame"}; captions under 2 words are dropped (:68-111);
+      MSR-VTT-style retrieval (MM/dataset/ret_dataset.py): the same with a caption list per video;
+      VideoChat2 instruction tuning (VC2/dataset/it_dataset_mistral.py:59-104): {"video", "QA": [{"i", "q", "a"}],
+        optional "start" / "end"}; the QA turns become `conversations`, the first turn's "i" the instruction.
+    A caption list stays a list: training draws one caption per sample (the official "uniform" augmentation),
+    evaluation reads each as its own text (VideoTextDataset)."""
+    rec = dict(anno)
+    if "image" in rec and "video" not in rec:
+        rec["video"] = rec.pop("image")
+    if "QA" in rec:
+        qa = rec.pop("QA")
+        if not isinstance(qa, list) or not qa or not all(isinstance(t, dict) and "q" in t and "a" in t for t in qa):
+            return "'QA' must be a non-empty list of {\"i\", \"q\", \"a\"}"
+        rec["conversations"] = [{"q": t["q"], "a": t["a"]} for t in qa]
+        if qa[0].get("i"):
+            rec["instruction"] = qa[0]["i"]
+        return rec
+    for key in [k for k in rec if "caption" in k and "asr" not in k]:
+        value = rec[key]
+        if isinstance(value, list):
+            rec[key] = [c for c in value if isinstance(c, str) and _words(c) >= MIN_CAPTION_WORDS]
+            if not rec[key]:
+                return f"every {key!r} is shorter than {MIN_CAPTION_WORDS} words"
+        elif not isinstance(value, str) or _words(value) < MIN_CAPTION_WORDS:
+            return f"{key!r} is shorter than {MIN_CAPTION_WORDS} words: {json.dumps(value)[:40]}"
+    return rec
+
+
+def load_official_json(path, skip_bad=False, data_root=None):
+    """An official annotation file (one JSON list, see official_record) -> (records, n_dropped), records as
+    load_jsonl's: `_line` is the record's 1-based position in the list, `_root` is data_root (the media prefix,
+    the official `data_root`) or the file's folder. Records the official loader drops (short captions) are
+    counted and named on stderr; a malformed one raises DataError naming the file and position, or with
+    skip_bad is dropped the same way."""
+    path = Path(path)
+    try:
+        annos = json.loads(path.read_bytes().decode("utf-8-sig"))
+    except (ValueError, OSError) as e:
+        raise DataError(f"{path}: not a JSON file ({type(e).__name__}: {e})") from None
+    if not isinstance(annos, list):
+        raise DataError(f"{path}: an official annotation file is one JSON list of records")
+    records, dropped = [], 0
+    for i, anno in enumerate(annos, start=1):
+        why = "not a JSON object" if not isinstance(anno, dict) else None
+        rec = None if why else official_record(anno)
+        if isinstance(rec, str):
+            why = rec
+        elif rec is not None and not isinstance(rec.get("video"), str):
+            why = "no 'video' (or 'image') path"
+        if why:
+            if "shorter than" not in why and not skip_bad:
+                raise DataError(f"{path}: record {i}: {why}")
+            print(f"dropping {path}: record {i}: {why}", file=sys.stderr)
+            dropped += 1
+            continue
+        rec["_line"], rec["_root"] = i, str(data_root or path.parent)
+        records.append(rec)
+    if not records:
+        raise DataError(f"{path}: no usable samples ({dropped} dropped)")
+    if dropped:
+        print(f"{path}: {dropped} of {len(annos)} records dropped", file=sys.stderr)
+    return records, dropped
+
+
+def load_jsonl(path, skip_bad=False, required=("video",), data_root=None):
     """Parse a sample file. Returns (records, n_bad). Each record gets `_line` (1-based) and `_root`
-    (the JSONL's folder). A malformed line (not UTF-8, not a JSON object, a required field missing, a
-    path field that is not a string) raises DataError naming the file and line, or with skip_bad is
-    counted, reported on stderr and skipped. A UTF-8 byte-order mark (Windows editors) is accepted."""
+    (the JSONL's folder, or data_root). A `.json` file is an official annotation file (load_official_json).
+    A malformed line (not UTF-8, not a JSON object, a required field missing, a path field that is not a
+    string) raises DataError naming the file and line, or with skip_bad is counted, reported on stderr and
+    skipped. A UTF-8 byte-order mark (Windows editors) is accepted."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"sample file {path} does not exist")
+    if path.suffix.lower() == ".json":
+        return load_official_json(path, skip_bad, data_root)
     records, bad = [], 0
     with open(path, "rb") as f:                    # bytes: one undecodable line must not sink the others
         for lineno, raw in enumerate(f, start=1):
@@ -265,7 +352,7 @@ def load_jsonl(path, skip_bad=False, required=("video",)):
                 print(f"skipping malformed line: {path}:{lineno}: {why}", file=sys.stderr)
                 bad += 1
                 continue
-            rec["_line"], rec["_root"] = lineno, str(path.parent)
+            rec["_line"], rec["_root"] = lineno, str(data_root or path.parent)
             records.append(rec)
     if not records:
         raise DataError(f"{path}: no usable samples" + (f" ({bad} malformed lines skipped)" if bad else ""))
@@ -278,7 +365,7 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 CONTAINER_SEEK_AHEAD = 48   # before two keyframes are seen: decode forward up to this many frames, further seek
 
 
-def read_frames(path, indices_fn, frame_fn=None, short_side=None, src_hw=None, stats=None):
+def read_frames(path, indices_fn, frame_fn=None, short_side=None, src_hw=None, stats=None, seconds=None):
     """Decode the frames of one video. `indices_fn(n_frames) -> list of frame indices` picks which
     frames to decode; `frame_fn` (optional) maps each picked (H, W, 3) frame as soon as it is decoded.
     `short_side` (optional) shrinks every frame to at most that short side as it is decoded (shrink_frame;
@@ -286,7 +373,9 @@ def read_frames(path, indices_fn, frame_fn=None, short_side=None, src_hw=None, s
     (H, W) the video was stored at. Returns uint8 (T, H, W, 3). Raises DataError naming the file.
 
     Video files (mp4, webm, mkv, ... through PyAV) are never decoded whole: see _read_container, which counts
-    its seeks and decoded frames into `stats` (a dict) when given one (tests and bench.py read them)."""
+    its seeks and decoded frames into `stats` (a dict) when given one (tests and bench.py read them).
+    `seconds` = (start, end): only that part of a video file is sampled (VideoChat2's `start` / `end`); a frame
+    store, which has no frame rate, is read whole."""
     shrink = (lambda f: shrink_frame(f, short_side)) if short_side else (lambda f: f)
     fn = frame_fn or (lambda f: f)
 
@@ -315,21 +404,23 @@ def read_frames(path, indices_fn, frame_fn=None, short_side=None, src_hw=None, s
         except ImportError:
             raise DataError(f"{path}: reading {path.suffix} videos needs PyAV (pip install av), or "
                             f"convert the video to a frame folder, GIF or WebP") from None
-        return _read_container(av, path, indices_fn, fn, short_side, src_hw, {} if stats is None else stats)
+        return _read_container(av, path, indices_fn, fn, short_side, src_hw, {} if stats is None else stats,
+                               seconds)
     except DataError:
         raise
     except Exception as e:                                    # corrupt or unreadable media
         raise DataError(f"{path}: cannot decode video ({type(e).__name__}: {e})") from None
 
 
-def _read_container(av, path, indices_fn, fn, short_side, src_hw, stats):
+def _read_container(av, path, indices_fn, fn, short_side, src_hw, stats, seconds=None):
     """The picked frames of a video file, decoded with PyAV without decoding the whole file: the frame count
     comes from the container (or its duration x frame rate), each picked frame is reached by a keyframe seek
     and decoding forward from there, or by decoding forward alone when it is no further ahead than the
     keyframe spacing seen so far (a seek could not land closer; CONTAINER_SEEK_AHEAD until two keyframes are
-    seen), and only the picked frames are converted to RGB, shrunk to `short_side` in the same step. Memory: the picked frames, whatever the video's length. A frame's index is its time x the
-    average frame rate, so a variable-rate file is read at the nearest frames. A file without a usable
-    frame rate or count is decoded from the start, converting only the picked frames."""
+    seen), and only the picked frames are converted to RGB, shrunk to `short_side` in the same step. Memory:
+    the picked frames, whatever the video's length. A frame's index is its time x the average frame rate, so
+    a variable-rate file is read at the nearest frames. A file without a usable frame rate or count is
+    decoded from the start, converting only the picked frames."""
     with av.open(str(path)) as container:
         if not container.streams.video:
             raise DataError(f"{path}: no video stream")
@@ -364,6 +455,10 @@ def _read_container(av, path, indices_fn, fn, short_side, src_hw, stats):
                 raise DataError(f"{path}: no video frames")
         else:
             picks = indices_fn(n)
+            if seconds is not None:                   # a part of the video: its frames first..last, sampled alike
+                first = min(n - 1, max(0, int(round(float(seconds[0]) * rate))))
+                last = max(first, min(n - 1, int(round(float(seconds[1]) * rate))))
+                picks = [first + i for i in indices_fn(last - first + 1)]
             t0 = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
             frames, at, it = {}, None, None          # at: index of the last decoded frame; it: the decoder
             keys = set()                             # indices of the keyframes decoded so far
@@ -596,8 +691,14 @@ class VideoTextDataset(torch.utils.data.Dataset):
     resumed run reads exactly what the uninterrupted run would have."""
 
     def __init__(self, jsonl, num_frames, img_size, train, seed=0, skip_bad=False, noise_grid=None,
-                 crop_scale=(0.5, 1.0), hflip=False, extra=None, cache=None, cache_mb=2048):
-        self.records, self.n_bad_lines = load_jsonl(jsonl, skip_bad)
+                 crop_scale=(0.5, 1.0), hflip=False, extra=None, cache=None, cache_mb=2048, data_root=None):
+        self.records, self.n_bad_lines = load_jsonl(jsonl, skip_bad, data_root=data_root)
+        if not train:             # a caption list (MSR-VTT's): each caption its own text, the clip their positive
+            self.records = [dict(r, caption=c) for r in self.records
+                            for c in (r["caption"] if isinstance(r.get("caption"), list) else [r.get("caption")])]
+            for r in self.records:
+                if r["caption"] is None:
+                    del r["caption"]
         self.cache = len(self.records) <= 5000 if cache is None else bool(cache)
         self.cache_mb = cache_mb
         self.jsonl, self.num_frames, self.img_size, self.train = str(jsonl), num_frames, img_size, train
@@ -630,12 +731,19 @@ class VideoTextDataset(torch.utils.data.Dataset):
 
     def _load(self, rec, rng):
         path, pick = Path(rec["_root"]) / rec["video"], lambda n: frame_indices(n, self.num_frames, self.train, rng)
-        if self.cache:        # the short side follows crop_scale at call time (teachers.py changes it later)
+        if rec.get("video_start_frame") is not None:    # a clip of a longer video (the official read_clip_from_video)
+            lo = int(rec["video_start_frame"])
+            pick = lambda n: [lo + i for i in frame_indices(min(n - 1, int(rec.get("video_end_frame", n - 1))) - lo
+                                                            + 1, self.num_frames, self.train, rng)]
+        # VideoChat2's `start` / `end`, in seconds: a part of a video file (a frame store has no frame rate)
+        seconds = (rec["start"], rec["end"]) if rec.get("start") is not None and rec.get("end") is not None else None
+        if self.cache and seconds is None:     # the short side follows crop_scale at call time (teachers.py changes it)
             frames, src_hw = _FRAME_CACHE.frames(path, pick, cache_short_side(self.img_size, self.crop_scale),
                                                  self.cache_mb)
         else:
             src = []
-            frames = read_frames(path, pick, short_side=cache_short_side(self.img_size, self.crop_scale), src_hw=src)
+            frames = read_frames(path, pick, short_side=cache_short_side(self.img_size, self.crop_scale), src_hw=src,
+                                 seconds=seconds)
             src_hw = tuple(src)
         out = {"video": video_transform(frames, self.img_size, self.train, rng, self.crop_scale, self.hflip, src_hw),
                "id": str(rec.get("id", rec["_line"]))}
@@ -991,6 +1099,8 @@ def stage2_fields(tokenizer, caption_keys, max_len, audio_frames=0, train=True, 
         out = {}
         for key in caption_keys:
             text = rec.get(key)
+            if isinstance(text, list) and text:    # several captions: one per sample, drawn (official "uniform")
+                text = text[int(rng.integers(len(text)))] if train else text[0]
             if not isinstance(text, str) or not text.strip():
                 raise DataError(f"empty or missing {key!r}")
             ids, mask = tokenizer.encode([text], max_len)
@@ -1124,16 +1234,21 @@ def stage3_turns(rec, substage, rng):
     captioning instruction for alignment and the vision-language connection; for instruction tuning
     the sample's `conversations` (all turns) when it has them, else one random QA pair or the caption."""
     caption = rec.get("caption", "")
-    if not isinstance(caption, str) or not caption.strip():
-        raise DataError("empty or missing 'caption'")
+    if isinstance(caption, list) and caption:              # a caption list: one drawn per sample
+        caption = caption[int(rng.integers(len(caption)))]
     describe = CAPTION_PROMPTS[int(rng.integers(len(CAPTION_PROMPTS)))]
-    if substage in (1, 2):
-        return [(describe, caption)]
-    if rec.get("conversations"):
+    if substage == 3 and rec.get("conversations"):        # VideoChat2's files have no caption, only QA turns
         try:
-            return [(t["q"], t["a"]) for t in rec["conversations"]]
+            turns = [(t["q"], t["a"]) for t in rec["conversations"]]
         except (KeyError, TypeError):
             raise DataError("'conversations' must be a list of {\"q\": ..., \"a\": ...}") from None
+        if rec.get("instruction"):     # VideoChat2 puts it before the video; here it leads the first question, so
+            turns[0] = (f"{rec['instruction']} {turns[0][0]}", turns[0][1])   # every sample's slots stay in place
+        return turns
+    if not isinstance(caption, str) or not caption.strip():
+        raise DataError("empty or missing 'caption'")
+    if substage in (1, 2):
+        return [(describe, caption)]
     options = [(describe, caption)] + [(qa["q"], qa["a"]) for qa in rec.get("qa", [])]
     return [options[int(rng.integers(len(options)))]]
 
@@ -1151,13 +1266,47 @@ def stage3_fields(llm_tok, bert_tok, substage, n_visual, max_llm_len, max_text_l
     return extra
 
 
+def toyworld_as_videos(root, suffix=".mp4", fps=8):
+    """Turn a ToyWorld folder into the layout of a folder of real videos: each clip a video file (its 16 frames at
+    `fps`, its sound as the file's audio track), lines without `audio` (stage 2 reads the sound from the video with
+    --audio_from_video=True) and with a `label`, the clip's motion ("moving left"), for `evaluate.py probe`.
+    The WebP and FLAC files are removed. For trying the "your own videos" commands without videos of your own."""
+    import soundfile as sf
+    root = Path(root)
+    meta = json.loads((root / "meta.json").read_text())
+    if meta.get("as_videos") == suffix:
+        return root
+    for split in ("train", "val"):
+        lines = []
+        for rec in load_jsonl(root / f"{split}.jsonl")[0]:
+            frames = read_frames(root / rec["video"], lambda n: range(n))
+            wave, sr = sf.read(root / rec["audio"], dtype="float32")
+            video = Path(rec["video"]).with_suffix(suffix)
+            write_video(root / video, frames, fps=fps, audio=wave, sample_rate=sr)
+            (root / rec["video"]).unlink()
+            (root / rec.pop("audio")).unlink()
+            rec.update(video=str(video), label=f"moving {rec['attrs']['direction']}")
+            lines.append(json.dumps({k: v for k, v in rec.items() if not k.startswith("_")}))
+        (root / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    if (root / "audio").is_dir() and not any((root / "audio").iterdir()):
+        (root / "audio").rmdir()
+    meta["as_videos"] = suffix
+    (root / "meta.json").write_text(json.dumps(meta, indent=1))
+    return root
+
+
 if __name__ == "__main__":
     import argparse
     p = argparse.ArgumentParser(description="Write ToyWorld in the real JSONL format.")
     for name, default in (("out", "data/toyworld"), ("n_train", 2000), ("n_val", 500), ("seed", 0)):
         p.add_argument(f"--{name}", type=type(default), default=default)
+    p.add_argument("--as_videos", default="", help="also turn it into video files with this suffix (.mp4, .webm, "
+                   ".mkv): the layout of a folder of your own videos, sound in the files, a `label` per line")
     a = p.parse_args()
     import time
     t0 = time.time()
     root = make_toyworld(a.out, a.n_train, a.n_val, a.seed)
-    print(f"ToyWorld at {root} ({a.n_train} train + {a.n_val} val clips) in {time.time() - t0:.1f}s")
+    if a.as_videos:
+        toyworld_as_videos(root, "." + a.as_videos.lstrip("."))
+    print(f"ToyWorld at {root} ({a.n_train} train + {a.n_val} val clips{' as ' + a.as_videos if a.as_videos else ''})"
+          f" in {time.time() - t0:.1f}s")

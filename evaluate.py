@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from common import ConfigError, cli, gather_objects, print0
-from data import ATTRIBUTES, CAPTION_ATTRS, eval_loader
+from data import ATTRIBUTES, CAPTION_ATTRS, eval_loader, sample_file
 
 
 @torch.no_grad()
@@ -205,7 +205,8 @@ def evaluate_stage1(student, teachers, cfg, vcfg, rt):
     from data import VideoTextDataset
     from model import InternVideo2
     kw = dict(img_size=vcfg.img_size, train=False, seed=cfg.seed)
-    sets = {s: VideoTextDataset(Path(cfg.data) / f"{s}.jsonl", 2 * cfg.num_frames, **kw) for s in ("train", "val")}
+    sets = {s: VideoTextDataset(sample_file(cfg.data, s), 2 * cfg.num_frames, data_root=getattr(cfg, "data_root", "")
+                                or None, **kw) for s in ("train", "val")}
     if not all("attrs" in r for r in sets["val"].records):
         print0("no `attrs` in the held-out samples: skipping the probes", rt=rt)
         return {}
@@ -363,6 +364,7 @@ def evaluate_stage2(model, tok, cfg, vcfg, acfg, rt):
     model.eval()
     keys = ["caption"] + (["audio_caption", "avs_caption"] if acfg else [])
     ds = VideoTextDataset(jsonl_file(cfg.data, "val"), cfg.num_frames, vcfg.img_size, train=False, seed=cfg.seed,
+                          data_root=getattr(cfg, "data_root", "") or None,
                           extra=stage2_fields(tok, keys, cfg.max_text_len, acfg.frames if acfg else 0, False,
                                               cfg.resample_audio, getattr(cfg, "audio_from_video", False)))
     dev, local = rt.device, []
@@ -474,7 +476,8 @@ def evaluate_stage3(model, llm_tok, bert_tok, cfg, vcfg, rt, video_at):
     value of that attribute (caption_acc). Chance: 1 / classes for each."""
     from data import ATTRIBUTES, CAPTION_PROMPTS, VideoTextDataset
     model.eval()
-    ds = VideoTextDataset(Path(cfg.data) / "val.jsonl", vcfg.num_frames, vcfg.img_size, train=False, seed=cfg.seed)
+    ds = VideoTextDataset(sample_file(cfg.data, "val"), vcfg.num_frames, vcfg.img_size, train=False, seed=cfg.seed,
+                          data_root=getattr(cfg, "data_root", "") or None)
     kw = dict(llm_tok=llm_tok, bert_tok=bert_tok, max_llm_len=cfg.max_llm_len, max_text_len=cfg.max_text_len,
               video_at=video_at, qformer_text_input=cfg.qformer_text_input)
     local = []
@@ -771,12 +774,12 @@ def frozen_video(ck, path, num_frames=0):
 
 
 def jsonl_file(data, split):
-    """--data -> the JSONL it names: a file as given, or <folder>/<split>.jsonl."""
+    """--data -> the sample file it names: a file as given, or <folder>/<split>.jsonl (or the official <split>.json)."""
     p = Path(data)
     if p.is_dir():
-        if not (p / f"{split}.jsonl").exists():
-            raise ConfigError(f"--data={data}: no {split}.jsonl there")
-        return p / f"{split}.jsonl"
+        if not sample_file(p, split).exists():
+            raise ConfigError(f"--data={data}: no {split}.jsonl (or {split}.json) there")
+        return sample_file(p, split)
     if not p.is_file():
         raise ConfigError(f"--data={data}: no such file or folder")
     return p
@@ -825,6 +828,7 @@ def features_main(argv):
                                 "segment, the whole frame resized).")
     p.add_argument("--ckpt", required=True, help=CKPT_HELP)
     p.add_argument("--data", required=True, help="a .jsonl file, or a folder: its <split>.jsonl")
+    p.add_argument("--data_root", default="", help="where an official JSON's media paths start (default: its folder)")
     p.add_argument("--split", default="val", help="which JSONL of a --data folder: train | val")
     p.add_argument("--out", default="", help=".npz file; default <ckpt dir>/features_<data>.npz")
     p.add_argument("--batch_size", type=int, default=64, help="clips per batch")
@@ -836,7 +840,7 @@ def features_main(argv):
     path = jsonl_file(a.data, a.split)
     ck = load_checkpoint(a.ckpt)                                      # CheckpointError: one line (common.cli)
     model, pooled, _, settings = frozen_video(ck, a.ckpt, a.num_frames)
-    records, _ = load_jsonl(path)
+    records, _ = load_jsonl(path, data_root=a.data_root or None)
     captions = hasattr(model, "encode_text") and all(isinstance(r.get("caption"), str) and r["caption"].strip()
                                                      for r in records)
     extra = None
@@ -844,7 +848,8 @@ def features_main(argv):
         tok = stage2_tokenizer(settings, a.vocab)
         extra = stage2_fields(tok, ["caption"], a.max_text_len or settings["max_text_len"], 0, train=False)
     vcfg = model.vision_encoder.cfg
-    ds = VideoTextDataset(path, vcfg.num_frames, vcfg.img_size, train=False, extra=extra, cache=False)
+    ds = VideoTextDataset(path, vcfg.num_frames, vcfg.img_size, train=False, extra=extra, cache=False,
+                          data_root=a.data_root or None)
     rt = setup_runtime(a.device, "auto", 0)
     if hasattr(model, "encode_text") and not captions:
         print0(f"{path}: not every line has a caption: video embeddings only", rt=rt)
@@ -887,6 +892,7 @@ def probe_main(argv):
     p.add_argument("--val", default="", help="JSONL the probes are scored on (with --train)")
     p.add_argument("--data", default="", help="instead of --train/--val: a folder with train.jsonl and val.jsonl, or "
                    "one .jsonl split by --val_fraction and --seed")
+    p.add_argument("--data_root", default="", help="where an official JSON's media paths start (default: its folder)")
     p.add_argument("--val_fraction", type=float, default=0.2, help="share of one --data file held out")
     p.add_argument("--seed", type=int, default=0, help="the held-out lines of one --data file are drawn from it")
     p.add_argument("--label", default="label", help="the field holding each line's class (strings or ints; classes "
@@ -910,7 +916,7 @@ def probe_main(argv):
     ck = load_checkpoint(a.ckpt)
     model, pooled, tokens, _ = frozen_video(ck, a.ckpt, a.num_frames)
     vcfg = model.vision_encoder.cfg
-    make = lambda f: VideoTextDataset(f, vcfg.num_frames, vcfg.img_size, train=False)
+    make = lambda f: VideoTextDataset(f, vcfg.num_frames, vcfg.img_size, train=False, data_root=a.data_root or None)
     if one:
         ds = make(files["all"])
         split = dict(zip(("train", "val"), seeded_split(len(ds), a.val_fraction, a.seed)))
@@ -1021,6 +1027,7 @@ def main(argv=None):
                    "InternVideo2 stage-2 (video-text) file")
     p.add_argument("--data", required=True, help="folder with val.jsonl, or a .jsonl file (the JSONL format of "
                    "data.py)")
+    p.add_argument("--data_root", default="", help="where an official JSON's media paths start (default: its folder)")
     p.add_argument("--vocab", default="", help="BERT vocab.txt; default: the one the checkpoint was trained with")
     p.add_argument("--num_frames", type=int, default=0, help="frames per clip; 0 = the checkpoint's")
     p.add_argument("--rerank_k", type=int, default=0, help="candidates re-ranked by the matching head; 0 = the checkpoint's")
@@ -1034,13 +1041,14 @@ def main(argv=None):
     model, tc = stage2_from_checkpoint(ck, a.ckpt)                    # ours, or a released stage-2 file
     tok = stage2_tokenizer(tc, a.vocab)
     rt = setup_runtime(a.device, "auto", 0)
-    cfg = SimpleNamespace(data=a.data, num_frames=a.num_frames or tc["num_frames"], seed=0, eval_batch=a.batch,
+    cfg = SimpleNamespace(data=a.data, data_root=a.data_root, num_frames=a.num_frames or tc["num_frames"], seed=0,
+                          eval_batch=a.batch,
                           max_text_len=a.max_text_len or tc["max_text_len"], rerank_k=a.rerank_k or tc["rerank_k"],
                           resample_audio=tc.get("resample_audio", False),
                           audio_from_video=tc.get("audio_from_video", False))
     model.vision_encoder.set_num_frames(cfg.num_frames)
     model.to(rt.device)
-    records, _ = load_jsonl(val)
+    records, _ = load_jsonl(val, data_root=a.data_root or None)
     audio_keys = ("audio", "audio_caption", "avs_caption")
     acfg = model.audio_encoder.cfg if model.has_audio else None
     if acfg and not all(k in r for r in records for k in audio_keys):

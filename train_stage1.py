@@ -23,7 +23,7 @@ from common import (RunLog, WithLoss, barrier, build_optimizer, by_preset, check
                     cosine_lr, distribute, finish, finished_run, load_checkpoint, load_state, model_state,
                     optimizer_state, parse_config, pick_dtype, print0, resume, run_summary, save_checkpoint,
                     setup_runtime, shard, training_loop)
-from data import FRAME_CACHE, TOYWORLD, VideoTextDataset, prepare_toyworld, train_loader
+from data import FRAME_CACHE, TOYWORLD, VideoTextDataset, prepare_toyworld, sample_file, train_loader
 from evaluate import evaluate_stage1
 from losses import stage1_objective
 from model import MASK_TYPES, VISION_PRESETS, InternVideo2, count_params, param_table, vision_preset
@@ -34,7 +34,9 @@ from teachers import build_teachers, float8_teachers, pretrain_toy_teachers
 @dataclass
 class Stage1Config:
     # data
-    data: str = TOYWORLD            # folder with train.jsonl and val.jsonl (ToyWorld is generated if missing)
+    data: str = TOYWORLD            # folder with train.jsonl and val.jsonl (ToyWorld is generated if missing), or the
+                                    # official annotation files train.json and val.json (data.load_official_json)
+    data_root: str = ""             # where the media paths start (the official data_root); "" = the sample file's folder
     skip_bad_samples: bool = False  # replace unreadable samples by the next one, count and report them
     frame_cache: str = "auto"       # decoded frames kept in memory, shrunk to what training needs: auto (datasets up
                                     # to 5000 clips) | on | off
@@ -132,8 +134,8 @@ def main(argv=None):
     prepare_toyworld(cfg.data, rt)
     vcfg = vision_preset(cfg.preset, num_frames=cfg.num_frames, img_size=cfg.img_size, drop_path=cfg.drop_path)
     T, Np = vcfg.grid[0], vcfg.grid[1] * vcfg.grid[2]
-    train_set = VideoTextDataset(Path(cfg.data) / "train.jsonl", 2 * cfg.num_frames, vcfg.img_size, train=True,
-                                 seed=cfg.seed, skip_bad=cfg.skip_bad_samples,
+    train_set = VideoTextDataset(sample_file(cfg.data, "train"), 2 * cfg.num_frames, vcfg.img_size, train=True,
+                                 seed=cfg.seed, skip_bad=cfg.skip_bad_samples, data_root=cfg.data_root or None,
                                  cache=FRAME_CACHE[cfg.frame_cache], cache_mb=cfg.frame_cache_mb, noise_grid=(T, Np),
                                  crop_scale=(cfg.crop_scale, 1.0), hflip=cfg.hflip)
 

@@ -24,8 +24,8 @@ from checkpoints import check_init_from, TOYS, key_names, load_beats, load_bert,
 from common import (RunLog, WithLoss, barrier, build_optimizer, by_preset, check, claim_run_dir, cli, compile_blocks,
                     cosine_lr, distribute, finish, finished_run, load_checkpoint, model_state, optimizer_state,
                     parse_config, print0, resume, run_summary, save_checkpoint, setup_runtime, training_loop)
-from data import (FRAME_CACHE, TOYWORLD, VideoTextDataset, WordPieceTokenizer, prepare_toyworld, stage2_fields,
-                  train_loader)
+from data import (FRAME_CACHE, TOYWORLD, VideoTextDataset, WordPieceTokenizer, prepare_toyworld, sample_file,
+                  stage2_fields, train_loader)
 from losses import AUDIO_LOSSES, STAGE2_LOSSES, stage2_objective
 from model import VISION_PRESETS, Stage2Model, audio_preset, param_table, text_preset, vision_preset
 from plots import loss_figure, save_pictures, stage2_similarity_figure
@@ -35,7 +35,9 @@ from pretrain_toys import pretrain_toy_bert
 @dataclass
 class Stage2Config:
     # data
-    data: str = TOYWORLD            # folder with train.jsonl and val.jsonl (ToyWorld is generated if missing)
+    data: str = TOYWORLD            # folder with train.jsonl and val.jsonl (ToyWorld is generated if missing), or the
+                                    # official annotation files train.json and val.json (data.load_official_json)
+    data_root: str = ""             # where the media paths start (the official data_root); "" = the sample file's folder
     vocab: str = ""                 # BERT vocab.txt; "" = <data>/vocab.txt (ToyWorld writes one)
     max_text_len: int = 0           # tokens per caption with [CLS]/[SEP]; 0 = by preset
     skip_bad_samples: bool = False  # replace unreadable samples by the next one, count and report them
@@ -161,8 +163,8 @@ def main(argv=None):
     keys = sorted({cfg.caption_map()[name] for name in weights})
     audio_frames = acfg.frames if acfg and any(n in AUDIO_LOSSES for n in weights) else 0
     T, Np = vcfg.grid[0], vcfg.grid[1] * vcfg.grid[2]
-    train_set = VideoTextDataset(Path(cfg.data) / "train.jsonl", cfg.num_frames, vcfg.img_size, train=True,
-                                 seed=cfg.seed, skip_bad=cfg.skip_bad_samples,
+    train_set = VideoTextDataset(sample_file(cfg.data, "train"), cfg.num_frames, vcfg.img_size, train=True,
+                                 seed=cfg.seed, skip_bad=cfg.skip_bad_samples, data_root=cfg.data_root or None,
                                  cache=FRAME_CACHE[cfg.frame_cache], cache_mb=cfg.frame_cache_mb, noise_grid=(T, Np),
                                  crop_scale=(cfg.crop_scale, 1.0), hflip=cfg.hflip,
                                  extra=stage2_fields(tok, keys, cfg.max_text_len, audio_frames, True,
@@ -239,7 +241,8 @@ def main(argv=None):
             clips_per_step=global_batch, bad_lines=train_set.n_bad_lines,
             nan_skips=ck.get("nan_skips", 0) if ck else 0)
 
-    held_out = lambda: VideoTextDataset(Path(cfg.data) / "val.jsonl", cfg.num_frames, vcfg.img_size, train=False,
+    held_out = lambda: VideoTextDataset(sample_file(cfg.data, "val"), cfg.num_frames, vcfg.img_size, train=False,
+                                        data_root=cfg.data_root or None,
                                         extra=stage2_fields(tok, ["caption"], cfg.max_text_len, train=False))
     save_pictures(out_dir, lambda: {"loss.png": loss_figure({"stage 2": result}),
                                     "similarity.png": stage2_similarity_figure(model, held_out())}, rt)

@@ -33,7 +33,7 @@ from common import (RunLog, WithLoss, barrier, build_optimizer, by_preset, check
                     optimizer_state, parse_config, print0, resume, run_summary, save_checkpoint, setup_runtime, shard,
                     store_frozen, training_loop)
 from data import (FRAME_CACHE, TOYWORLD, VideoTextDataset, WordPieceTokenizer, load_llm_tokenizer, prepare_toyworld,
-                  stage3_fields, train_loader, video_index)
+                  sample_file, stage3_fields, train_loader, video_index)
 from losses import stage3_objective
 from model import (LLM_PRESETS, QFORMER_PRESETS, VISION_PRESETS, Stage3Model, add_lora, lora_config, param_table,
                    restore_lora, text_preset, vision_preset)
@@ -44,7 +44,9 @@ from pretrain_toys import pretrain_toy_bert, pretrain_toy_llm
 @dataclass
 class Stage3Config:
     # data
-    data: str = TOYWORLD            # folder with train.jsonl and val.jsonl (ToyWorld is generated if missing)
+    data: str = TOYWORLD            # folder with train.jsonl and val.jsonl (ToyWorld is generated if missing), or the
+                                    # official annotation files train.json and val.json (data.load_official_json)
+    data_root: str = ""             # where the media paths start (the official data_root); "" = the sample file's folder
     vocab: str = ""                 # BERT vocab.txt for the Q-Former's text; "" = <data>/vocab.txt
     llm_tokenizer: str = ""         # toy:<vocab.txt> | sentencepiece:<tokenizer.model> | tiktoken:<name>; "" = toy
     max_text_len: int = 24          # Q-Former text tokens (instruction, caption)
@@ -211,8 +213,8 @@ def main(argv=None):
         log = RunLog(sub_dir, cfg, rt, resume=step > 0)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print0(f"stage 3, sub-stage {sub}: {trainable / 1e6:.2f}M trainable\n{param_table(model)}", rt=rt)
-        train_set = VideoTextDataset(Path(cfg.data) / "train.jsonl", cfg.frames[sub - 1], vcfg.img_size, train=True,
-                                     seed=cfg.seed + sub, skip_bad=cfg.skip_bad_samples,
+        train_set = VideoTextDataset(sample_file(cfg.data, "train"), cfg.frames[sub - 1], vcfg.img_size, train=True,
+                                     seed=cfg.seed + sub, skip_bad=cfg.skip_bad_samples, data_root=cfg.data_root or None,
                                      cache=FRAME_CACHE[cfg.frame_cache], cache_mb=cfg.frame_cache_mb,
                                      crop_scale=(cfg.crop_scale, 1.0),
                                      extra=stage3_fields(llm_tok, bert_tok, sub, n_visual, cfg.max_llm_len,
