@@ -394,6 +394,27 @@ def load_videochat2(model, ck, log=print):
     return {"loaded": sorted(used), "skipped": skipped, "fresh": fresh, "vision": vision}
 
 
+def vision_config_from_state(state, prefix=""):
+    """(preset name, VisionConfig) of a released video encoder from its tensors' shapes (keys under `prefix`):
+    width and depth pick the preset (1B, 6B, ...; toy for tests), the patch embedding's kernel the patch size, the
+    position table the frame count, the attention pool's projection the pooled width."""
+    depth_of = lambda pattern: 1 + max(int(m.group(1)) for k in state for m in [re.match(pattern, k)] if m)
+    w = state[f"{prefix}patch_embed.proj.weight"]                                # (D, 3, tubelet, p, p)
+    dim, patch, depth = w.shape[0], w.shape[-1], depth_of(re.escape(prefix) + r"blocks\.(\d+)\.")
+    names = [n for n, c in VISION_PRESETS.items() if (c.dim, c.depth) == (dim, depth)]
+    if not names:
+        raise CheckpointError(f"no vision preset has width {dim} and depth {depth} (presets: "
+                              + ", ".join(f"{n} {c.dim}x{c.depth}" for n, c in VISION_PRESETS.items()) + ")")
+    base = VISION_PRESETS[names[0]]
+    grid = (base.img_size // patch) ** 2
+    n_pos = state[f"{prefix}pos_embed"].shape[1] - 1
+    if n_pos % grid:
+        raise CheckpointError(f"{prefix}pos_embed has {n_pos} patch rows, not a multiple of {grid} "
+                              f"({base.img_size} px in {patch} px patches)")
+    return names[0], vision_preset(names[0], num_frames=n_pos // grid * w.shape[2], patch_size=patch,
+                                   pool_dim=state[f"{prefix}clip_projector.cross_attn.proj.weight"].shape[0])
+
+
 def load_official_stage2(raw, log=print):
     """A released InternVideo2 stage-2 checkpoint (`InternVideo2_Stage2_visual`: MM/models/internvideo2_stage2_visual.py:
     17-48), flat or wrapped in `module` / `model`, -> (Stage2Model, {"loaded", "skipped"}). The architecture comes
@@ -410,21 +431,7 @@ def load_official_stage2(raw, log=print):
         raise CheckpointError("not an InternVideo2 stage-2 checkpoint: no vision_encoder.patch_embed.proj.weight")
     depth_of = lambda pattern: 1 + max(int(m.group(1)) for k in state for m in [re.match(pattern, k)] if m)
 
-    # vision: width and depth -> preset; patch from the kernel; frames from the position table
-    w = state["vision_encoder.patch_embed.proj.weight"]                          # (D, 3, tubelet, p, p)
-    dim, patch, vdepth = w.shape[0], w.shape[-1], depth_of(r"vision_encoder\.blocks\.(\d+)\.")
-    names = [n for n, c in VISION_PRESETS.items() if (c.dim, c.depth) == (dim, vdepth)]
-    if not names:
-        raise CheckpointError(f"no vision preset has width {dim} and depth {vdepth} (presets: "
-                       + ", ".join(f"{n} {c.dim}x{c.depth}" for n, c in VISION_PRESETS.items()) + ")")
-    base = VISION_PRESETS[names[0]]
-    grid = (base.img_size // patch) ** 2
-    n_pos = state["vision_encoder.pos_embed"].shape[1] - 1
-    if n_pos % grid:
-        raise CheckpointError(f"vision_encoder.pos_embed has {n_pos} patch rows, not a multiple of {grid} "
-                       f"({base.img_size} px in {patch} px patches)")
-    vcfg = vision_preset(names[0], num_frames=n_pos // grid * w.shape[2], patch_size=patch,
-                         pool_dim=state["vision_encoder.clip_projector.cross_attn.proj.weight"].shape[0])
+    vname, vcfg = vision_config_from_state(state, "vision_encoder.")
 
     # text: BERT under text_encoder.bert. (pre-training) or text_encoder. (renamed for evaluation)
     tp = "text_encoder.bert." if "text_encoder.bert.embeddings.word_embeddings.weight" in state else "text_encoder."
@@ -471,7 +478,7 @@ def load_official_stage2(raw, log=print):
     model.load_state_dict(heads, strict=False)
     used |= set(heads)
     skipped = sorted(k for k in state if k not in used)
-    log(f"official stage-2 checkpoint: vision {names[0]} at {vcfg.num_frames} frames, text {tnames[0]}"
+    log(f"official stage-2 checkpoint: vision {vname} at {vcfg.num_frames} frames, text {tnames[0]}"
         f"{f', audio {anames[0]}' if audio else ''} "
         f"(vocabulary {vocab}); loaded {len(used)} tensors, none left fresh; ignored {len(skipped)}: {key_names(skipped)}")
     return model, {"loaded": sorted(used), "skipped": skipped}

@@ -716,7 +716,8 @@ def diagnosis_table(d):
 # features and probes: any checkpoint with an InternVideo2 encoder, on any JSONL and any label field
 
 STAGE2_KINDS = ("stage-2 checkpoint", "released stage-2 file")
-CKPT_HELP = "a stage-1, 2 or 3 checkpoint of train_stage*.py, or a released InternVideo2 stage-2 file"
+CKPT_HELP = ("a stage-1, 2 or 3 checkpoint of train_stage*.py, or a released InternVideo2 stage-1 module or stage-2 "
+             "file")
 
 
 def stage2_from_checkpoint(ck, path):
@@ -753,20 +754,25 @@ def frozen_video(ck, path, num_frames=0):
       stage 1 or 3 (ours): the encoder alone, through the stages' hand-off (checkpoints.load_video_encoder); pooled
         is its attention pool, the clip vector stage 1 distils and stage 2 starts from.
     num_frames: the encoder's position table resized in time to that many frames (0: the checkpoint's)."""
-    from checkpoints import checkpoint_kind, load_video_encoder
+    from checkpoints import checkpoint_kind, load_video_encoder, released_state, vision_config_from_state
     from model import InternVideo2, VisionConfig
     kind = checkpoint_kind(ck)
     if kind in STAGE2_KINDS:
         model, settings = stage2_from_checkpoint(ck, path)
         pooled = lambda v: model.encode_video(v)[1]
-    elif kind in ("stage-1 checkpoint", "stage-3 checkpoint") and "model_config" in ck:
-        mc = ck["model_config"]                                   # stage 3 nests the encoder's config, stage 1 not
-        model = torch.nn.ModuleDict({"vision_encoder": InternVideo2(VisionConfig(**mc.get("vision", mc)))})
+    elif kind in ("stage-1 checkpoint", "stage-3 checkpoint", "released stage-1 module") and (
+            "model_config" in ck or kind.startswith("released")):
+        if kind.startswith("released"):                           # the official pre-training module: shapes say
+            vcfg, settings = vision_config_from_state(released_state(ck))[1], {}
+        else:
+            mc = ck["model_config"]                               # stage 3 nests the encoder's config, stage 1 not
+            vcfg, settings = VisionConfig(**mc.get("vision", mc)), ck["config"]
+        model = torch.nn.ModuleDict({"vision_encoder": InternVideo2(vcfg)})
         load_video_encoder(model, ck, path)
-        pooled, settings = model.vision_encoder, ck["config"]
+        pooled = model.vision_encoder
     else:
         raise ConfigError(f"--ckpt={path} is a {kind}; features and probes read a stage-1, 2 or 3 checkpoint of "
-                          f"this repository or a released InternVideo2 stage-2 file")
+                          f"this repository or a released InternVideo2 stage-1 module or stage-2 file")
     enc = model.vision_encoder
     if num_frames:
         enc.set_num_frames(num_frames)

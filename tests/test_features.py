@@ -94,7 +94,7 @@ def test_features_equal_each_stages_own_encode_functions(toyworld, tiny_ckpts, t
 
     with pytest.raises(ConfigError, match="is a teacher; features and probes read a stage-1, 2 or 3"):
         evaluate.main(["features", f"--ckpt={TOYS / 'toy_clip_teacher.pt'}", f"--data={toyworld}"])
-    with pytest.raises(ConfigError, match="no train.jsonl there"):
+    with pytest.raises(ConfigError, match=r"no train.jsonl \(or train.json\) there"):
         evaluate.main(["features", f"--ckpt={tiny_ckpts[1]}", f"--data={tmp_path}", "--split=train"])
 
 
@@ -149,3 +149,17 @@ def test_probe_errors_are_one_line(toyworld, tiny_ckpts, tmp_path):
         evaluate.main(["probe", ckpt, f"--data={data}"])
     with pytest.raises(ConfigError, match="give --train and --val together"):
         evaluate.main(["probe", ckpt, f"--train={data / 'train.jsonl'}"])
+
+
+@torch.no_grad()
+def test_features_of_a_released_stage1_module(toyworld, tmp_path):
+    """The official pre-training module (flat official names, wrapped in `module` as DeepSpeed saves it): its
+    architecture read from its shapes, its features the encoder's own pooled vectors."""
+    from model import InternVideo2, vision_preset
+    torch.manual_seed(5)
+    src = InternVideo2(vision_preset("toy"), with_heads=True).eval()
+    torch.save({"module": src.state_dict()}, tmp_path / "official.pth")
+    out = evaluate.main(["features", f"--ckpt={tmp_path / 'official.pth'}", f"--data={toyworld / 'val.jsonl'}",
+                         f"--out={tmp_path / 'f.npz'}", "--batch_size=16"])
+    batch, _ = _clips(toyworld / "val.jsonl", src.cfg.num_frames)
+    np.testing.assert_allclose(out["video"], src(batch["video"]).numpy(), rtol=1e-4, atol=1e-5)
