@@ -1,21 +1,25 @@
-"""data.py: ToyWorld, the on-disk sample format and its reader, frame sampling, transforms, the
-resumable sampler and the stage-1 masking generators.
+"""data.py: ToyWorld, the on-disk sample format and its readers, video decoding, frame sampling, transforms, the
+resumable sampler, the tokenizers and the chat format. (The stage-1 masks live in model.py, beside the token
+layout they index.)
 
-The real data format (DESIGN.md) is a JSONL file, one sample per line, paths relative to the file:
+The data format (README, "Your own data") is a JSONL file, one sample per line, paths relative to the file:
 
     {"id": "clip0", "video": "videos/clip0.mp4", "audio": "audio/clip0.wav", "caption": "a dog runs"}
 
-`video` is a folder of frames, a GIF or WebP (pillow), or an mp4 (needs PyAV); `audio` (WAV/FLAC),
-`audio_caption`, `asr`, `avs_caption`, `qa` ([{"q", "a"}]) are optional. Anything else on the line
-(ToyWorld's `attrs`) is carried along untouched.
+`video` is a folder of frames, a GIF or WebP (pillow), or a video file (mp4, webm, mkv, ... through PyAV, decoded
+at the sampled frames only); `audio` (WAV/FLAC, or the video file's own sound), `audio_caption`, `asr`,
+`avs_caption`, `qa` ([{"q", "a"}]) are optional. Anything else on the line (ToyWorld's `attrs`) is carried along
+untouched. The official annotation files (one JSON list: InternVideo2's stage-2 files, MSR-VTT's, VideoChat2's
+instruction files) are read as they are: load_official_json.
 
 ToyWorld is the embedded default: a seeded generator of 32x32, 16-frame clips of one shape (4 shapes,
 6 colours, 2 sizes) moving in one of 4 directions at one of 2 speeds over a textured background (no
-motion trail: a single frame shows neither direction nor speed), with a 1 s, 16 kHz sound track (a beep whose timbre follows the shape, pitch the size and rhythm
-the speed, then two synthetic "spoken" words) and every caption type. It is written to disk in the
-real format, so the real reader is what every run uses.
+motion trail: a single frame shows neither direction nor speed), with a 1 s, 16 kHz sound track (a beep whose
+timbre follows the shape, pitch the size and rhythm the speed, then two synthetic "spoken" words) and every caption
+type. It is written to disk in the real format, so the real reader is what every run uses.
 
     python data.py --out=data/toyworld      # writes train.jsonl + val.jsonl (about 10 s on 2 cores)
+    python data.py --out=my_videos --n_train=48 --n_val=16 --as_videos=mp4   # the same as a folder of mp4 files
 """
 import json
 import math

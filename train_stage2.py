@@ -14,7 +14,7 @@ AVMLM). README.md explains the method; `--mlm_mode=causal` swaps the masked LM f
 
 Writes <out_dir>/ckpt.pt, log.txt and metrics.json (zero-shot retrieval with VTM re-ranking and
 zero-shot classification on the held-out split). No gradient accumulation: a contrastive loss needs
-every negative in one step, so raise the per-device batch and add ranks instead (STYLE decisions).
+every negative in one step, so raise the per-device batch and add ranks instead.
 """
 import sys
 from dataclasses import asdict, dataclass
