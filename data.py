@@ -254,8 +254,8 @@ def _words(text):
 
 
 def official_record(anno):
-    """One record of the official annotation files -> this format's record, or a string saying why the official
-    loader would drop it. The layouts (read as they are, with the official field names):
+    """One record of the official annotation files -> (this format's record, None), or (None, why) when the
+    official loader would drop it (a short caption); a malformed record raises DataError. The layouts (read as they are, with the official field names):
       stage 2 (MM/dataset/pt_dataset.py:127-160, 221-229, 289-301): {"video" or "image": path, "caption": str or
         [str, ...], optional "audio", "asr", other keys holding "caption" (the audio-visual files' `*_caption(s)`), and
         "video_start_frame" / "video_end_frame"}; captions under 2 words are dropped (:68-111);
@@ -270,20 +270,21 @@ def official_record(anno):
     if "QA" in rec:
         qa = rec.pop("QA")
         if not isinstance(qa, list) or not qa or not all(isinstance(t, dict) and "q" in t and "a" in t for t in qa):
-            return "'QA' must be a non-empty list of {\"i\", \"q\", \"a\"}"
+            raise DataError("'QA' must be a non-empty list of {\"i\", \"q\", \"a\"}")
         rec["conversations"] = [{"q": t["q"], "a": t["a"]} for t in qa]
         if qa[0].get("i"):
             rec["instruction"] = qa[0]["i"]
-        return rec
     for key in [k for k in rec if "caption" in k and "asr" not in k]:
         value = rec[key]
         if isinstance(value, list):
             rec[key] = [c for c in value if isinstance(c, str) and _words(c) >= MIN_CAPTION_WORDS]
             if not rec[key]:
-                return f"every {key!r} is shorter than {MIN_CAPTION_WORDS} words"
+                return None, f"every {key!r} is shorter than {MIN_CAPTION_WORDS} words"
         elif not isinstance(value, str) or _words(value) < MIN_CAPTION_WORDS:
-            return f"{key!r} is shorter than {MIN_CAPTION_WORDS} words: {json.dumps(value)[:40]}"
-    return rec
+            return None, f"{key!r} is shorter than {MIN_CAPTION_WORDS} words: {json.dumps(value)[:40]}"
+    if not isinstance(rec.get("video"), str):
+        raise DataError("no 'video' (or 'image') path")
+    return rec, None
 
 
 def load_official_json(path, skip_bad=False, data_root=None):
@@ -301,15 +302,15 @@ def load_official_json(path, skip_bad=False, data_root=None):
         raise DataError(f"{path}: an official annotation file is one JSON list of records")
     records, dropped = [], 0
     for i, anno in enumerate(annos, start=1):
-        why = "not a JSON object" if not isinstance(anno, dict) else None
-        rec = None if why else official_record(anno)
-        if isinstance(rec, str):
-            why = rec
-        elif rec is not None and not isinstance(rec.get("video"), str):
-            why = "no 'video' (or 'image') path"
+        try:
+            if not isinstance(anno, dict):
+                raise DataError("not a JSON object")
+            rec, why = official_record(anno)
+        except DataError as e:                       # malformed: an error, or with skip_bad dropped like the rest
+            if not skip_bad:
+                raise DataError(f"{path}: record {i}: {e}") from None
+            rec, why = None, str(e)
         if why:
-            if "shorter than" not in why and not skip_bad:
-                raise DataError(f"{path}: record {i}: {why}")
             print(f"dropping {path}: record {i}: {why}", file=sys.stderr)
             dropped += 1
             continue
@@ -369,24 +370,20 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 CONTAINER_SEEK_AHEAD = 48   # before two keyframes are seen: decode forward up to this many frames, further seek
 
 
-def read_frames(path, indices_fn, frame_fn=None, short_side=None, src_hw=None, stats=None, seconds=None):
+def read_frames(path, indices_fn, short_side=None, src_hw=None, stats=None, seconds=None):
     """Decode the frames of one video. `indices_fn(n_frames) -> list of frame indices` picks which
-    frames to decode; `frame_fn` (optional) maps each picked (H, W, 3) frame as soon as it is decoded.
-    `short_side` (optional) shrinks every frame to at most that short side as it is decoded (shrink_frame;
-    a video file does it in FFmpeg's scaler, before the RGB conversion), and `src_hw`, a list, receives the
-    (H, W) the video was stored at. Returns uint8 (T, H, W, 3). Raises DataError naming the file.
+    frames to decode. `short_side` (optional) shrinks every frame to at most that short side as it is
+    decoded (shrink_frame; a video file does it in FFmpeg's scaler, before the RGB conversion), and `src_hw`,
+    a list, receives the (H, W) the video was stored at. Returns uint8 (T, H, W, 3). Raises DataError naming the file.
 
     Video files (mp4, webm, mkv, ... through PyAV) are never decoded whole: see _read_container, which counts
     its seeks and decoded frames into `stats` (a dict) when given one (tests and bench.py read them).
     `seconds` = (start, end): only that part of a video file is sampled (VideoChat2's `start` / `end`); a frame
     store, which has no frame rate, is read whole."""
-    shrink = (lambda f: shrink_frame(f, short_side)) if short_side else (lambda f: f)
-    fn = frame_fn or (lambda f: f)
-
     def keep(frame):                            # (H, W, 3) at the stored size -> what the caller wants
         if src_hw is not None:
             src_hw[:] = frame.shape[:2]
-        return fn(shrink(frame))
+        return shrink_frame(frame, short_side) if short_side else frame
     path = Path(path)
     try:
         if path.is_dir():                                     # a folder of frame images
@@ -408,15 +405,14 @@ def read_frames(path, indices_fn, frame_fn=None, short_side=None, src_hw=None, s
         except ImportError:
             raise DataError(f"{path}: reading {path.suffix} videos needs PyAV (pip install av), or "
                             f"convert the video to a frame folder, GIF or WebP") from None
-        return _read_container(av, path, indices_fn, fn, short_side, src_hw, {} if stats is None else stats,
-                               seconds)
+        return _read_container(av, path, indices_fn, short_side, src_hw, {} if stats is None else stats, seconds)
     except DataError:
         raise
     except Exception as e:                                    # corrupt or unreadable media
         raise DataError(f"{path}: cannot decode video ({type(e).__name__}: {e})") from None
 
 
-def _read_container(av, path, indices_fn, fn, short_side, src_hw, stats, seconds=None):
+def _read_container(av, path, indices_fn, short_side, src_hw, stats, seconds=None):
     """The picked frames of a video file, decoded with PyAV without decoding the whole file: the frame count
     comes from the container (or its duration x frame rate), each picked frame is reached by a keyframe seek
     and decoding forward from there, or by decoding forward alone when it is no further ahead than the
@@ -458,11 +454,11 @@ def _read_container(av, path, indices_fn, fn, short_side, src_hw, stats, seconds
             if any(f is None for f in frames.values()):
                 raise DataError(f"{path}: no video frames")
         else:
-            picks = indices_fn(n)
+            first, last = 0, n - 1
             if seconds is not None:                   # a part of the video: its frames first..last, sampled alike
                 first = min(n - 1, max(0, int(round(float(seconds[0]) * rate))))
                 last = max(first, min(n - 1, int(round(float(seconds[1]) * rate))))
-                picks = [first + i for i in indices_fn(last - first + 1)]
+            picks = [first + i for i in indices_fn(last - first + 1)]
             t0 = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
             frames, at, it = {}, None, None          # at: index of the last decoded frame; it: the decoder
             keys = set()                             # indices of the keyframes decoded so far
@@ -491,7 +487,7 @@ def _read_container(av, path, indices_fn, fn, short_side, src_hw, stats, seconds
                 frames[want] = last
         if src_hw is not None:
             src_hw[:] = (H, W)
-        rgb = {i: fn(f.to_ndarray(format="rgb24", **size)) for i, f in frames.items()}
+        rgb = {i: f.to_ndarray(format="rgb24", **size) for i, f in frames.items()}
         stats["converted"] = len(rgb)
         return np.stack([rgb[i] for i in picks])
 
@@ -583,10 +579,11 @@ def shrink_frame(frame, short_side):
 
 
 def is_frame_store(path):
-    """A folder of frames, a GIF or a WebP (short clips stored frame by frame, ToyWorld's kind), as against a
-    video file, which is decoded at the sampled frames only and never cached whole."""
+    """A folder of frames, a GIF or a WebP (short clips stored frame by frame, ToyWorld's kind) or a single image
+    (an official `image` record: one frame, repeated by the sampler), read by pillow, as against a video file,
+    which is decoded at the sampled frames only and never cached whole."""
     path = Path(path)
-    return path.is_dir() or path.suffix.lower() in (".gif", ".webp", ".png")
+    return path.is_dir() or path.suffix.lower() in IMAGE_EXTS + (".gif",)
 
 
 class FrameCache:
@@ -698,11 +695,8 @@ class VideoTextDataset(torch.utils.data.Dataset):
                  crop_scale=(0.5, 1.0), hflip=False, extra=None, cache=None, cache_mb=2048, data_root=None):
         self.records, self.n_bad_lines = load_jsonl(jsonl, skip_bad, data_root=data_root)
         if not train:             # a caption list (MSR-VTT's): each caption its own text, the clip their positive
-            self.records = [dict(r, caption=c) for r in self.records
-                            for c in (r["caption"] if isinstance(r.get("caption"), list) else [r.get("caption")])]
-            for r in self.records:
-                if r["caption"] is None:
-                    del r["caption"]
+            each = lambda r: [dict(r, caption=c) for c in r["caption"]] if isinstance(r.get("caption"), list) else [r]
+            self.records = [one for r in self.records for one in each(r)]
         self.cache = len(self.records) <= 5000 if cache is None else bool(cache)
         self.cache_mb = cache_mb
         self.jsonl, self.num_frames, self.img_size, self.train = str(jsonl), num_frames, img_size, train

@@ -760,9 +760,9 @@ def frozen_video(ck, path, num_frames=0):
     if kind in STAGE2_KINDS:
         model, settings = stage2_from_checkpoint(ck, path)
         pooled = lambda v: model.encode_video(v)[1]
-    elif kind in ("stage-1 checkpoint", "stage-3 checkpoint", "released stage-1 module") and (
-            "model_config" in ck or kind.startswith("released")):
-        if kind.startswith("released"):                           # the official pre-training module: shapes say
+    elif kind == "released stage-1 module" or (kind in ("stage-1 checkpoint", "stage-3 checkpoint")
+                                                 and "model_config" in ck):
+        if kind == "released stage-1 module":                    # the official pre-training module: shapes say
             vcfg, settings = vision_config_from_state(released_state(ck))[1], {}
         else:
             mc = ck["model_config"]                               # stage 3 nests the encoder's config, stage 1 not
@@ -826,7 +826,7 @@ def features_main(argv):
     import argparse
     import numpy as np
     from common import cleanup, load_checkpoint, setup_runtime
-    from data import VideoTextDataset, load_jsonl, stage2_fields
+    from data import VideoTextDataset, stage2_fields
     p = argparse.ArgumentParser(prog="evaluate.py features", description="The pooled video embedding of every line "
                                 "of a JSONL and, for a stage-2 checkpoint, the text embedding of its caption, saved "
                                 "with the lines' ids (the `id` field, else the line number) in an .npz: keys ids, "
@@ -846,16 +846,13 @@ def features_main(argv):
     path = jsonl_file(a.data, a.split)
     ck = load_checkpoint(a.ckpt)                                      # CheckpointError: one line (common.cli)
     model, pooled, _, settings = frozen_video(ck, a.ckpt, a.num_frames)
-    records, _ = load_jsonl(path, data_root=a.data_root or None)
-    captions = hasattr(model, "encode_text") and all(isinstance(r.get("caption"), str) and r["caption"].strip()
-                                                     for r in records)
-    extra = None
-    if captions:
-        tok = stage2_tokenizer(settings, a.vocab)
-        extra = stage2_fields(tok, ["caption"], a.max_text_len or settings["max_text_len"], 0, train=False)
     vcfg = model.vision_encoder.cfg
-    ds = VideoTextDataset(path, vcfg.num_frames, vcfg.img_size, train=False, extra=extra, cache=False,
-                          data_root=a.data_root or None)
+    ds = VideoTextDataset(path, vcfg.num_frames, vcfg.img_size, train=False, cache=False, data_root=a.data_root or None)
+    captions = hasattr(model, "encode_text") and all(isinstance(r.get("caption"), str) and r["caption"].strip()
+                                                     for r in ds.records)
+    if captions:                       # the caption's tokens join each item (a caption list: one line per caption)
+        ds.extra = stage2_fields(stage2_tokenizer(settings, a.vocab), ["caption"],
+                                 a.max_text_len or settings["max_text_len"], 0, train=False)
     rt = setup_runtime(a.device, "auto", 0)
     if hasattr(model, "encode_text") and not captions:
         print0(f"{path}: not every line has a caption: video embeddings only", rt=rt)

@@ -38,7 +38,8 @@ def main(argv):
     PairSampler.pairs = int(next((a.split("=", 1)[1] for a in argv if a.startswith("--pairs=")), 16))
     argv = [a for a in argv if not a.startswith("--pairs=")]
     root = Path(next((a.split("=", 1)[1] for a in argv if a.startswith("--data=")), data.TOYWORLD))
-    data.make_toyworld(root) if str(root) == data.TOYWORLD else None
+    if str(root) == data.TOYWORLD:                       # the stage script would write it; the pairs need it first
+        data.make_toyworld(root)
     recs = [json.loads(line) for line in open(root / "train.jsonl")]
     by_picture = defaultdict(list)
     for i, r in enumerate(recs):

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from data import (DataError, VideoTextDataset, frame_indices, load_jsonl, positive_id, sample_file, stage3_turns)
 
@@ -13,15 +14,19 @@ from data import (DataError, VideoTextDataset, frame_indices, load_jsonl, positi
 @pytest.fixture
 def official(toyworld, tmp_path):
     """A folder with train.json / val.json in the official layouts; the media live under ToyWorld's folder (the
-    official `data_root`), not beside the annotation files."""
+    official `data_root`), not beside the annotation files; one image record (a still, by absolute path)."""
+    from PIL import Image
+    from data import read_frames
     folder = tmp_path / "anno"
     folder.mkdir()
+    Image.fromarray(read_frames(toyworld / "videos" / "train_00004.webp", lambda n: [0])[0]).save(tmp_path / "still.jpg")
     train = [{"video": "videos/train_00000.webp", "caption": "a red circle moving left"},
              {"video": "videos/train_00001.webp", "caption": ["the first caption here", "ok", "a second caption"],
               "selected_audio_caption": "a low horn beeping"},
              {"video": "videos/train_00002.webp", "caption": "dog"},                       # under 2 words: dropped
              {"video": "videos/train_00003.webp", "caption": "a clip of a clip", "video_start_frame": 4,
-              "video_end_frame": 11}]
+              "video_end_frame": 11},
+             {"image": str(tmp_path / "still.jpg"), "caption": "a still picture of a frame"}]
     val = [{"video": "videos/val_00000.webp", "caption": ["one two three", "four five six"]},
            {"video": "videos/val_00001.webp", "caption": "seven eight nine"}]
     (folder / "train.json").write_text(json.dumps(train))
@@ -33,11 +38,14 @@ def test_stage2_json_with_a_data_root_and_the_official_filter(official, toyworld
     records, dropped = load_jsonl(sample_file(official, "train"), data_root=toyworld)
     assert sample_file(official, "train").name == "train.json" and dropped == 1
     assert "record 3: 'caption' is shorter than 2 words" in capsys.readouterr().err
-    assert [r["_line"] for r in records] == [1, 2, 4] and all(r["_root"] == str(toyworld) for r in records)
+    assert [r["_line"] for r in records] == [1, 2, 4, 5] and all(r["_root"] == str(toyworld) for r in records)
     assert records[1]["caption"] == ["the first caption here", "a second caption"]      # "ok" dropped from the list
     assert records[1]["selected_audio_caption"] == "a low horn beeping"
     ds = VideoTextDataset(sample_file(official, "train"), 4, 32, train=True, data_root=toyworld)
     assert ds[1]["video"].shape == (3, 4, 32, 32) and ds[1]["caption"] == records[1]["caption"]
+    held = VideoTextDataset(sample_file(official, "train"), 4, 32, train=False, data_root=toyworld)
+    still = held[len(held) - 1]["video"]                    # evaluation reads the caption list as two lines
+    assert records[3]["video"].endswith("still.jpg") and all(torch.equal(still[:, 0], still[:, t]) for t in range(4))
 
 
 def test_caption_lists_are_one_text_each_in_evaluation(official, toyworld):
@@ -55,7 +63,7 @@ def test_caption_lists_are_one_text_each_in_evaluation(official, toyworld):
     assert drawn == {tuple(tok.encode([c], 8)[0][0].tolist()) for c in rec["caption"]}
 
 
-def test_a_clips_frame_range_is_sampled_inside_it(tmp_path):
+def test_a_clips_frame_range_is_sampled_inside_it(tmp_path, monkeypatch):
     """video_start_frame / video_end_frame: the segments split frames 20..39 of a 60-frame file."""
     pytest.importorskip("av")
     from data import clip_index, index_clip, write_video
@@ -63,18 +71,13 @@ def test_a_clips_frame_range_is_sampled_inside_it(tmp_path):
     (tmp_path / "a.json").write_text(json.dumps([{"video": "long.mp4", "caption": "a test pattern",
                                                   "video_start_frame": 20, "video_end_frame": 39}]))
     import data
-    picked = []
-    real = data.read_frames
+    picked, real = [], data.read_frames
 
-    def spy(path, indices_fn, *a, **k):
-        out = real(path, indices_fn, *a, **k)
+    def spy(path, indices_fn, *a, **k):                # the frames the dataset picked, read back from their pixels
         picked.append([clip_index(f) for f in real(path, indices_fn)])
-        return out
-    data.read_frames, data._FRAME_CACHE = spy, data.FrameCache()
-    try:
-        VideoTextDataset(tmp_path / "a.json", 4, 32, train=False)[0]
-    finally:
-        data.read_frames = real
+        return real(path, indices_fn, *a, **k)
+    monkeypatch.setattr(data, "read_frames", spy)
+    VideoTextDataset(tmp_path / "a.json", 4, 32, train=False)[0]
     assert picked[0] == [20 + i for i in frame_indices(20, 4, False)]
 
 

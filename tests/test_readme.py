@@ -41,6 +41,7 @@ def test_your_own_videos_block_runs_as_written(tmp_path, monkeypatch):
     assert not list((tmp_path / "my_videos").rglob("*.webp")) and len(list((tmp_path / "my_videos").rglob("*.mp4"))) == 64
     metrics = json.loads((tmp_path / "out" / "my_stage2" / "metrics.json").read_text())
     assert all(0 <= metrics[k] <= 1 for k in ("t2v_r1", "t2a_r1", "t2av_r1"))   # audio came from the mp4 files
+    assert metrics["loss_last_atc"] < metrics["loss_first_atc"]                 # and the audio loss trained on it
     assert (tmp_path / "out" / "my_stage2" / "zeroshot_my_videos.json").exists()
     feats = np.load(tmp_path / "out" / "my_features.npz")
     assert feats["video"].shape[0] == feats["text"].shape[0] == len(feats["ids"]) == 16

@@ -71,13 +71,13 @@ def test_clip_shorter_than_the_frames_asked_for(tmp_path):
     assert [clip_index(f) for f in read_frames(path, lambda n: [0, n - 1, n + 3])] == [0, 4, 4]
 
 
-def test_dataset_reads_video_files_and_does_not_cache_them(tmp_path, long_clip):
+def test_dataset_reads_video_files_and_does_not_cache_them(tmp_path, long_clip, monkeypatch):
     """A JSONL of mp4 lines trains and evaluates through VideoTextDataset: the clip tensor has the asked shape, and
     the frame cache (meant for frame stores such as ToyWorld's WebP) keeps none of it."""
     import data
     path, _ = long_clip
     (tmp_path / "train.jsonl").write_text(f'{{"id": "a", "video": "{path}", "caption": "a test pattern"}}\n')
-    data._FRAME_CACHE = data.FrameCache()
+    monkeypatch.setattr(data, "_FRAME_CACHE", data.FrameCache())
     for train in (True, False):
         ds = VideoTextDataset(tmp_path / "train.jsonl", 4, 32, train=train, cache=True)
         x = ds[0]["video"]
