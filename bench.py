@@ -31,7 +31,7 @@ README use (800 TFLOP/s on an H100). Each part's time comes from CUDA events rec
 inside the real step (no extra synchronisation), or from the wall clock on a CPU.
 
 Stage 1 with `--teacher_dtype=float8` (or float8_tensor) first runs the teachers and the objective on the fixed
-batch in --frozen_dtype, converts the teachers' Linears to e4m3 (teachers.float8_teachers), runs them again, and
+batch in --frozen_dtype, converts the teachers' Linears to e4m3 (fp8.float8_teachers), runs them again, and
 reports the targets' cosine similarity (mean over tokens) and the loss's relative change; then times the FP8 step.
 MFU stays relative to the bf16 peak.
 
@@ -223,13 +223,13 @@ def build_stage1(cfg, rt, parts):
 
 
 def float8_fidelity(cfg, rt, student, teachers, batch):
-    """What FP8 teachers change, on one fixed batch, then converts them in place (teachers.float8_teachers): per
+    """What FP8 teachers change, on one fixed batch, then converts them in place (fp8.float8_teachers): per
     target, the mean over tokens (layers, clips) of the cosine similarity between the FP8 teachers' targets and the
     same teachers' in --frozen_dtype (bf16 on CUDA, fp32 on a CPU), and the stage-1 loss of the same student (eval
     mode: no drop path) on the same batch and mask noise with each (attention masking follows each one's attn)."""
     import torch.nn.functional as F
     from losses import stage1_objective
-    from teachers import float8_teachers
+    from fp8 import float8_teachers
 
     def run():
         mode = student.training
@@ -292,7 +292,8 @@ def build_stage3(cfg, rt, parts):
     model.set_trainable(cfg.substage)
     store_frozen(model.llm, frozen_dtype(cfg, rt))
     model.vision_encoder.grad_ckpt_blocks = cfg.grad_ckpt_blocks
-    optimizer = build_optimizer(model, 1e-4, 0.02, (0.9, 0.999), 1e-8, {"temp"}, rt.device.type)
+    optimizer = build_optimizer(model, 1e-4, 0.02, (0.9, 0.999), 1e-8, model.no_weight_decay(cfg.substage),
+                                rt.device.type)
     video_at, n_visual = 6, qcfg.num_query + qcfg.extra_query   # slots after "<s> [INST] <Video>"
     wrapped = WithLoss(model, lambda model, batch: stage3_objective(model, batch, substage=cfg.substage,
                                                                     video_at=video_at))
@@ -362,7 +363,7 @@ def bench_stage(cfg):
         if rt.device.type == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
-        loss = step()[0]                                  # synchronises (the NaN guard reads the loss)
+        loss = step()[0]                                  # a tensor on the device, read after the timing
         if rt.device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t)

@@ -12,6 +12,9 @@
   llm_key_map / load_llm        Hugging Face Mistral / LLaMA into LLM
   load_videochat2               a released VideoChat2 / InternVideo2-Chat stage-3 file (Q-Former, queries,
                                 projection, LoRA) into a Stage3Model
+  init_stage3                   stage 3's --init_from and --vision_from: which of the above a file needs
+  check_fits                    the one test that a file's tensors fit a module: missing and mis-shaped ones
+                                refused by name (teachers.load_teacher and chat.py use it too)
 
 model.py holds the networks; this file holds how other people's files map onto them. The teachers'
 own layouts load in teachers.py (load_teacher).
@@ -20,10 +23,11 @@ import re
 import tempfile
 from pathlib import Path
 
-from common import CheckpointError, ConfigError, check
+from common import CheckpointError, ConfigError, check, load_checkpoint
 from data import WordPieceTokenizer, load_llm_tokenizer
 from model import (AUDIO_PRESETS, TEXT_PRESETS, VISION_PRESETS, AudioEncoder, Stage2Model, Stage3Model, TextConfig,
-                   add_lora, audio_preset, interpolate_pos_embed_time, merge_lora, text_preset, vision_preset)
+                   add_lora, audio_preset, interpolate_pos_embed_time, merge_lora, restore_lora, text_preset,
+                   vision_preset)
 
 
 # The toy stand-ins for the downloaded checkpoints (the two teachers, BERT, the LLM), trained on ToyWorld and
@@ -65,11 +69,11 @@ def checkpoint_kind(ck):
     return "unknown"
 
 
-def check_init_from(ck, path, accepted, stage):
+def check_init_from(ck, path, accepted, stage, option="--init_from"):
     """Refuse, in one line, an --init_from file of a kind this stage does not start from (ConfigError)."""
     kind = checkpoint_kind(ck)
     if kind not in accepted:
-        raise ConfigError(f"--init_from={path} is a {kind}; stage {stage} starts from a " + " or a ".join(accepted))
+        raise ConfigError(f"{option}={path} is a {kind}; stage {stage} starts from a " + " or a ".join(accepted))
     return kind
 
 
@@ -82,11 +86,27 @@ def key_names(keys):
     return ", ".join(f"{g} (x{n})" if n > 1 else g for g, n in groups.items()) or "none"
 
 
+def check_fits(own, state, source, what, strict=False):
+    """The one test of a file's tensors against a module's (own: its state_dict()): every tensor of `own` must be in
+    `state` with its shape, else CheckpointError naming the missing keys and the mis-shaped ones with both shapes.
+    Returns the keys of `state` the module does not have, for the caller to name as ignored; strict=True (a checkpoint
+    this code wrote for this very model) refuses them too."""
+    missing = [k for k in own if k not in state]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+              if k in state and state[k].shape != own[k].shape]
+    unexpected = sorted(k for k in state if k not in own)
+    if missing or shapes or (strict and unexpected):
+        shapes = ", ".join(shapes[:10]) + (" ..." if len(shapes) > 10 else "") or "none"
+        raise CheckpointError(f"{source}: its weights do not fit {what}: missing {key_names(missing)}; "
+                              + (f"unexpected {key_names(unexpected)}; " if strict else "") + f"other shapes {shapes}")
+    return unexpected
+
+
 def load_video_encoder(model, ck, source="checkpoint", log=print):
     """The stage hand-off (MM/models/backbones/internvideo2/internvideo2.py:715-719): the video encoder of a stage-1
     checkpoint (the student itself, flat keys) or of a stage-2/3 one (under `vision_encoder.`) into
     model.vision_encoder, the position table linearly interpolated in time to the encoder's frame count (stage 1 -> 2:
-    8 -> 4 frames; 2 -> 3: 4 -> 8). Every encoder weight must be there with its shape (KeyError naming the misfits).
+    8 -> 4 frames; 2 -> 3: 4 -> 8). Every encoder weight must be there with its shape (check_fits).
     ck: a loaded checkpoint dict. Logs, and returns, every checkpoint key it skips and every model
     key it leaves fresh: {"loaded", "skipped", "fresh"}, lists of names."""
     enc = model.vision_encoder
@@ -105,11 +125,7 @@ def load_video_encoder(model, ck, source="checkpoint", log=print):
         t_old = (state["pos_embed"].shape[1] - 1) // hw if "pos_embed" in state else t_new
     if "pos_embed" in state:
         state["pos_embed"] = interpolate_pos_embed_time(state["pos_embed"], t_old, t_new)
-    missing = [k for k in own if k not in state]
-    bad = [f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in state
-           and state[k].shape != own[k].shape]
-    if missing or bad:
-        raise CheckpointError(f"{source} does not fit the video encoder: missing {missing[:10]}, wrong shapes {bad[:10]}")
+    check_fits(own, state, source, "the video encoder")
     enc.load_state_dict({k: state[k] for k in own})
     skipped = sorted(k for k in raw if not k.startswith(prefix) or k[len(prefix):] not in own)
     fresh = sorted(k for k in model.state_dict() if not k.startswith("vision_encoder."))
@@ -132,11 +148,7 @@ def stage1_student_state(student, ck, source="checkpoint", log=print):
         raise CheckpointError(f"{source} is a stage-{stage} checkpoint; stage 1 starts from a stage-1 one")
     raw = ck["model"] if stage == 1 else released_state(ck)
     own = student.state_dict()
-    missing = [k for k in own if k not in raw]
-    bad = [f"{k}: {tuple(raw[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in raw and raw[k].shape != own[k].shape]
-    if missing or bad:
-        raise CheckpointError(f"{source} does not fit the stage-1 student: missing {key_names(missing)}; wrong shapes {bad[:5]}")
-    skipped = sorted(k for k in raw if k not in own)
+    skipped = check_fits(own, raw, source, "the stage-1 student")
     log(f"student from {source}: all {len(own)} tensors; ignored {len(skipped)} keys: {key_names(skipped)}")
     return {k: raw[k] for k in own}
 
@@ -230,10 +242,7 @@ def load_beats(state_or_ckpt, prefix="", base="beats-base"):
               .replace("encoder.layers.0.self_attn.relative_attention_bias", "encoder.relative_attention_bias"): v
              for k, v in state.items() if ".relative_attention_bias" not in k or "layers.0." in k}
     own = enc.state_dict()
-    missing = [k for k in own if k not in state]
-    bad = [k for k in own if k in state and state[k].shape != own[k].shape]
-    if missing or bad:
-        raise CheckpointError(f"BEATs checkpoint does not fit: missing {missing[:10]}, wrong shapes {bad[:10]}")
+    check_fits(own, state, "the BEATs checkpoint", "the audio encoder")
     enc.load_state_dict({k: state[k] for k in own})
     return enc
 
@@ -286,21 +295,12 @@ def llm_key_map(llm):
 
 def load_llm(llm, state, log=print):
     """Load a Hugging Face Mistral/LLaMA state dict (e.g. the merged safetensors of Mistral-7B) into an LLM without
-    LoRA; missing or mis-shaped keys raise KeyError naming them, keys it does not use (older files' rotary
-    `inv_freq` buffers, say) are logged by name."""
-    own, new, bad = llm.state_dict(), {}, []
-    for ours, theirs in llm_key_map(llm).items():
-        if theirs not in state:
-            bad.append(f"missing {theirs}")
-        elif state[theirs].shape != own[ours].shape:
-            bad.append(f"{theirs}: {tuple(state[theirs].shape)} vs {tuple(own[ours].shape)}")
-        else:
-            new[ours] = state[theirs]
-    if bad:
-        raise CheckpointError(f"LLM checkpoint does not fit: {bad[:10]}")
-    llm.load_state_dict(new)
-    ignored = sorted(set(state) - set(llm_key_map(llm).values()))
-    log(f"LLM: all {len(new)} tensors; ignored {len(ignored)}: {key_names(ignored)}")
+    LoRA; missing or mis-shaped tensors are refused by their Hugging Face names (check_fits), keys it does not use
+    (older files' rotary `inv_freq` buffers, say) are logged by name."""
+    own, names = llm.state_dict(), llm_key_map(llm)
+    ignored = check_fits({names[k]: v for k, v in own.items()}, state, "the LLM checkpoint", "the LLM")
+    llm.load_state_dict({k: state[names[k]] for k in own})
+    log(f"LLM: all {len(own)} tensors; ignored {len(ignored)}: {key_names(ignored)}")
 
 
 # The released stage-3 layouts: VideoChat2's own (Ask-Anything, VC2/models/videochat_mistra/videochat2_it_mistral.py:
@@ -394,6 +394,45 @@ def load_videochat2(model, ck, log=print):
     return {"loaded": sorted(used), "skipped": skipped, "fresh": fresh, "vision": vision}
 
 
+def init_stage3(model, init_from, vision_from="", log=print):
+    """Stage 3's --init_from and --vision_from, read here and nowhere else. --init_from is one of
+      a stage-2 checkpoint or a released stage-2 file   its video encoder (load_video_encoder: the hand-off, the table
+                                                        resized in time)
+      a stage-3 checkpoint                              the whole model at its own frame count, LoRA included when it
+                                                        has it (the sub-stage loop then resizes the table, as a run
+                                                        that did the earlier sub-stages in one go)
+      a VideoChat2 / InternVideo2-Chat file             Q-Former, queries, projection, LoRA, and the video encoder when
+                                                        it is an InternVideo2 one (load_videochat2); else --vision_from
+                                                        must give it
+    --vision_from (a stage-2 or 3 file) then replaces the video encoder. Returns {path: the kind of file it was}."""
+    loaded = {}
+    if init_from:
+        ck = load_checkpoint(init_from)
+        kind = check_init_from(ck, init_from, ("stage-2 checkpoint", "stage-3 checkpoint", "released stage-2 file",
+                                               "VideoChat2 / InternVideo2-Chat file"), stage=3)
+        if kind == "stage-3 checkpoint":
+            mc = ck["model_config"]
+            if mc.get("lora"):
+                restore_lora(model.llm, mc["lora"])
+            model.vision_encoder.set_num_frames(mc["vision"]["num_frames"])
+            check_fits(model.state_dict(), ck["model"], init_from, "the stage-3 model", strict=True)
+            model.load_state_dict(ck["model"])
+            log(f"loaded the whole stage-3 model from {init_from}")
+        elif kind == "VideoChat2 / InternVideo2-Chat file":
+            report = load_videochat2(model, ck, log=log)
+            check(report["vision"] == "loaded" or vision_from, f"--init_from={init_from} has no InternVideo2 video "
+                  f"encoder ({report['vision']}): give one with --vision_from=<stage-2 checkpoint>")
+        else:
+            load_video_encoder(model, ck, init_from, log=log)
+        loaded[init_from] = kind
+    if vision_from:
+        ck = load_checkpoint(vision_from)
+        loaded[vision_from] = check_init_from(ck, vision_from, ("stage-2 checkpoint", "stage-3 checkpoint",
+                                                                "released stage-2 file"), 3, option="--vision_from")
+        load_video_encoder(model, ck, vision_from, log=log)
+    return loaded
+
+
 def vision_config_from_state(state, prefix=""):
     """(preset name, VisionConfig) of a released video encoder from its tensors' shapes (keys under `prefix`):
     width and depth pick the preset (1B, 6B, ...; toy for tests), the patch embedding's kernel the patch size, the
@@ -469,13 +508,9 @@ def load_official_stage2(raw, log=print):
     if audio:       # every audio_encoder.* key is read (layers > 0 repeat layer 0's shared position bias)
         used |= {k for k in state if k.startswith("audio_encoder.")}
     towers = ("vision_encoder.", "text_encoder.", "audio_encoder.")
-    own = model.state_dict()
-    heads = {k: state[k] for k in own if not k.startswith(towers) and k in state}
-    missing = [k for k in own if not k.startswith(towers) and k not in state]
-    bad = [k for k, v in heads.items() if v.shape != own[k].shape]
-    if missing or bad:
-        raise CheckpointError(f"the stage-2 file does not fit the heads: missing {missing}, wrong shapes {bad}")
-    model.load_state_dict(heads, strict=False)
+    heads = {k: v for k, v in model.state_dict().items() if not k.startswith(towers)}
+    check_fits(heads, state, "the stage-2 file", "the heads")
+    model.load_state_dict({k: state[k] for k in heads}, strict=False)
     used |= set(heads)
     skipped = sorted(k for k in state if k not in used)
     log(f"official stage-2 checkpoint: vision {vname} at {vcfg.num_frames} frames, text {tnames[0]}"
@@ -490,14 +525,9 @@ def load_official_stage2(raw, log=print):
 def stage3_model(ck, device, name="--ckpt"):
     """A stage-3 checkpoint dict -> the model in eval mode with LoRA merged."""
     model = Stage3Model.from_config(ck["model_config"])
-    own, state = model.state_dict(), ck["model"]
-    missing, unexpected = [k for k in own if k not in state], [k for k in state if k not in own]
-    shapes = [k for k in own if k in state and state[k].shape != own[k].shape]
-    if missing or unexpected or shapes:                      # e.g. written by another version of the code
-        raise CheckpointError(f"{name}: its weights do not fit the model its model_config builds: missing "
-                              f"{key_names(missing)}; unexpected {key_names(unexpected)}; "
-                              f"other shapes {key_names(shapes)}")
-    model.load_state_dict(state)
+    # strict: a key too many or too few means another version of the code wrote it
+    check_fits(model.state_dict(), ck["model"], name, "the model its model_config builds", strict=True)
+    model.load_state_dict(ck["model"])
     merge_lora(model.llm)
     return model.to(device).eval()
 

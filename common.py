@@ -3,16 +3,19 @@
   config      dataclass configs with typed `--key=value` overrides and `--help` (no exec)
   runtime     device and precision choice, torchrun/DDP set-up (nccl on CUDA, gloo on CPU), seeds
   optimizer   AdamW with the official no-weight-decay rule, warmup + cosine schedule
-  step        one optimizer step over micro-batches: no_sync accumulation, AMP, NaN/inf guard, clip
+  loop        training_loop and train_step: the loop every stage runs, one optimizer step over micro-batches
+              (no_sync accumulation, AMP, NaN/inf skip, clip); it reads the device only when it logs
   state       atomic checkpoints, full resume state (model, optimizer, scaler, step, RNG per rank)
   logging     print0, log.txt (config, git commit, torch, device), metrics.json
+
+What protects a run (the run.lock, --resume's option check, Ctrl-C saves, the NaN guard, strict JSON) is in
+runs.py; FSDP2 sharding and the step's few FSDP-only lines are in fsdp.py.
 
 Every stage script reads: cfg = parse_config(Cfg(), argv) -> rt = setup_runtime(...) -> ... ->
 training_loop(DDP(WithLoss(model, the stage's objective from losses.py)), ...) -> finish(...).
 Nothing here imports a stage script.
 """
 import ast
-import atexit
 import datetime
 import difflib
 import inspect
@@ -22,7 +25,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,6 +34,9 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from fsdp import average_replicated, clip_gradients, gradient_sync, is_sharded, repeated_blocks
+from runs import NanGuard, StopSignal, config_differences, write_json
 
 
 # ------------------------------------------------------------------------------------------------
@@ -52,7 +57,7 @@ class CheckpointError(KeyError):
 def cli(main):
     """Run a script's main() so that a bad option, input or checkpoint ends in one line on stderr, not a traceback:
     exit code 2 for a bad option (ConfigError), 1 for bad data or a checkpoint that does not fit, 130 for Ctrl-C
-    outside training (training itself saves and stops cleanly: StopSignal). Everything else still raises."""
+    outside training (training itself saves and stops cleanly: runs.StopSignal). Everything else still raises."""
     from data import DataError
     try:
         return main()
@@ -104,18 +109,26 @@ def _convert(key, raw, old):
 
 def parse_config(cfg, argv, doc=""):
     """Apply `--key=value` overrides (`--flag` alone means True) to a dataclass instance.
-    Unknown keys and wrong types raise ConfigError with a suggestion; --help prints every key."""
+    Unknown keys and wrong types raise ConfigError with a suggestion; --help prints every key.
+    An old spelling in the config's ALIASES ({old: today's name}) still works and says its new name once."""
     names = [f.name for f in fields(cfg)]
+    aliases = getattr(cfg, "ALIASES", {})
     if any(a in ("-h", "--help") for a in argv):
         helps = _field_help(type(cfg))
         print(doc.strip() + "\n\noptions (--key=value):")
         for n in names:
             print(f"  --{n}={getattr(cfg, n)!r:<24} {helps.get(n, '')}")
+        if aliases:
+            print("old spellings: " + ", ".join(f"--{old} is --{new}" for old, new in aliases.items()))
         raise SystemExit(0)
     for arg in argv:
         if not arg.startswith("--"):
             raise ConfigError(f"expected --key=value, got {arg!r} (see --help)")
         key, eq, raw = arg[2:].partition("=")
+        if key in aliases:
+            if os.environ.get("RANK", "0") == "0":              # once, not once per torchrun process
+                print(f"--{key} is now --{aliases[key]}")
+            key = aliases[key]
         if key not in names:
             close = difflib.get_close_matches(key, names, n=1)
             raise ConfigError(f"unknown option --{key}" + (f"; did you mean --{close[0]}?" if close else "")
@@ -162,6 +175,15 @@ def check(ok, msg):
     """Config validation helper: raise ConfigError(msg) unless ok."""
     if not ok:
         raise ConfigError(msg)
+
+
+def preset_img_size(name, preset, img_size):
+    """--img_size of a run of the vision preset `preset` (model.VISION_PRESETS[name]): 0 = the preset's; any other
+    size must cut into whole patches (ConfigError)."""
+    size = img_size or preset.img_size
+    check(size % preset.patch_size == 0, f"--img_size must be a multiple of the {name} preset's {preset.patch_size} px "
+          f"patches, got {size}")
+    return size
 
 
 def by_preset(cfg, table, column):
@@ -264,47 +286,14 @@ def cleanup(rt):
         dist.destroy_process_group()
 
 
-def repeated_blocks(model):
-    """The elements of every outermost nn.ModuleList: the transformer blocks (and the decoders).
-    The unit of regional compilation and of FSDP sharding."""
-    lists = [name for name, m in model.named_modules() if isinstance(m, torch.nn.ModuleList)]
-    outer = [n for n in lists if not any(n.startswith(o + ".") for o in lists if o != n and o)]
-    return [blk for name in outer for blk in model.get_submodule(name)]
-
-
-def shard(model, rt):
-    """FSDP2 (`--fsdp`, under torchrun): fully_shard every block, then the root. Parameters,
-    gradients and AdamW state are split over the ranks (a 6B student's 97 GB of fp32 weights +
-    AdamW become 97/N GB per GPU); each block's weights are all-gathered just before it runs and
-    freed after. Pass the WithLoss wrapper: its forward is the whole step, so the root's own
-    parameters (embeddings, heads) are gathered for all of it, whichever methods the loss calls.
-    Call before building the optimizer (parameters become DTensor shards). No-op without torchrun."""
-    if not rt.ddp:
-        return model
-    from torch.distributed.fsdp import fully_shard
-    for blk in repeated_blocks(model):
-        fully_shard(blk)
-    # FSDP2 shards along dim 0, so a scalar (the contrastive temperature) stays replicated on every
-    # rank; train_step averages its gradient across ranks itself.
-    scalars = [p for p in model.parameters() if p.ndim == 0]
-    fully_shard(model, ignored_params=set(scalars) or None)
-    model.replicated_params = scalars
-    return model
-
-
 def distribute(model, rt, find_unused=False):
     """DDP under torchrun (every rank holds the whole model; gradients all-reduced in buckets
-    during backward), unchanged otherwise or when the model is already FSDP-sharded."""
+    during backward), unchanged otherwise or when the model is already FSDP-sharded (fsdp.shard)."""
     if not rt.ddp or is_sharded(model):
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
     return DDP(model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None,
                find_unused_parameters=find_unused)
-
-
-def is_sharded(model):
-    from torch.distributed.fsdp import FSDPModule
-    return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
 def print0(*args, rt=None, **kw):
@@ -363,34 +352,7 @@ def fit(desc, params, loss_at, steps, lr, weight_decay=0.01, betas=(0.9, 0.999),
 
 
 # ------------------------------------------------------------------------------------------------
-# speed: regional compilation, half-precision storage of frozen weights
-
-def compile_blocks(model):
-    """Regional compilation (`--compile`): torch.compile each repeated block (common.repeated_blocks:
-    the transformer blocks, the decoders) in place, not the whole model. Identical blocks share one
-    compiled graph, so InternViT-6B's 48 blocks compile about as fast as one; the glue around them
-    (masking, gathers, losses, DDP hooks) stays eager, and the step has no graph breaks to reason
-    about. Returns the number of modules compiled."""
-    blocks = repeated_blocks(model)
-    for blk in blocks:
-        blk.compile()
-    return len(blocks)
-
-
-def store_frozen(module, dtype):
-    """Keep a frozen network's weights in `dtype` (bf16 under bf16 autocast): half the memory, and
-    no per-step fp32 -> bf16 weight casts (7 GB of them for InternViT-6B). Trainable parameters
-    (LoRA adapters) keep fp32. A no-op for fp32."""
-    if dtype == torch.float32:
-        return module
-    for p in module.parameters():
-        if not p.requires_grad:
-            p.data = p.data.to(dtype)
-    return module
-
-
-# ------------------------------------------------------------------------------------------------
-# one optimizer step
+# the loop
 
 class WithLoss(torch.nn.Module):
     """A model and its loss function as one module, so that DDP (whose hooks are set up in its
@@ -404,11 +366,62 @@ class WithLoss(torch.nn.Module):
         return self.fn(self.model, batch)
 
 
-def to_device(x, device):
-    """A batch (dict) with every tensor on `device`, non-blocking from pinned memory; the rest as is."""
-    if isinstance(x, dict):
-        return {k: to_device(v, device) for k, v in x.items()}
-    return x.to(device, non_blocking=True) if isinstance(x, torch.Tensor) else x
+def training_loop(model, optimizer, loader, rt, cfg, *, step, lr_at, scaler, log, save, desc, clips_per_step,
+                  nan_skips=0, progress=True, bad_lines=0):
+    """The loop every stage runs: set lr -> grad_accum micro-batches -> train_step -> NaN guard ->
+    progress bar (loss terms, lr, clips/s) -> log.txt every cfg.log_every -> checkpoint every
+    cfg.ckpt_every and at the end. Stops at cfg.max_steps, or earlier at cfg.stop_after.
+    The losses stay on the device and are read in one go when the loop logs (every cfg.log_every steps
+    and at the last), so it does not wait for the GPU in between; the timing (ms a step, clips/s) is
+    the mean since the last log, and the bar's figures change at log steps.
+    save(step, nan_skips) writes the checkpoint; progress=False hides the bar (notebooks).
+    SIGINT/SIGTERM save at a step boundary and exit 128 + the signal (runs.StopSignal).
+    Returns {history, parts, n_bad, bad_lines, step, nan_skips}, the losses as floats."""
+    from tqdm import tqdm
+    last = cfg.max_steps if not cfg.stop_after else min(cfg.max_steps, cfg.stop_after)
+    guard = NanGuard(cfg.max_nan_in_a_row, nan_skips, rt.device)
+    timer, n_bad, history, parts_history, since = Timer(rt.device), 0, [], [], step
+    pending = []                 # each step's (loss, grad norm, *terms), still on the device
+    bar = tqdm(total=last, initial=step, desc=desc, disable=not (rt.master and progress), file=sys.stdout, dynamic_ncols=True,
+               mininterval=0.5)
+    with StopSignal() as stop:
+        while step < last:
+            if stop.stop_now(rt, at_log_step=step % cfg.log_every == 0):
+                save(step, int(guard.total))
+                bar.close()
+                name = signal.Signals(stop.hit).name
+                log(f"{name} at step {step}: checkpoint saved, stopped")
+                print0(f"\n{name}: checkpoint saved at step {step}; continue with --resume", rt=rt)
+                cleanup(rt)
+                sys.exit(128 + stop.hit)
+            lr = lr_at(step)
+            set_lr(optimizer, lr)
+            micro = [next(loader) for _ in range(cfg.grad_accum)]
+            n_bad += sum(b["n_bad"] for b in micro)
+            loss, parts, gnorm, ok = train_step(model, micro, optimizer, rt, scaler, cfg.grad_clip)
+            guard.update(ok)
+            step += 1
+            pending.append(torch.stack([loss, gnorm.float(), *parts.values()]))
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == last:
+                dt = timer.lap() / (step - since)                     # seconds a step, averaged since the last log
+                rows, pending, since = torch.stack(pending).tolist(), [], step    # waits for the device
+                history += [r[0] for r in rows]
+                parts_history += [dict(zip(parts, r[2:])) for r in rows]
+                skipped = guard.check(step)                           # raises after max_nan_in_a_row in a row
+                terms, speed = parts_history[-1].items(), clips_per_step / dt
+                bar.set_postfix_str(" ".join(f"{k} {v:.3f}" for k, v in terms) + f" lr {lr:.1e} {speed:.0f} clips/s")
+                log(f"step {step}/{cfg.max_steps} | loss {history[-1]:.4f} (" + " ".join(f"{k} {v:.4f}" for k, v in terms)
+                    + f") | lr {lr:.2e} | grad norm {rows[-1][1]:.3f} | {dt * 1000:.0f} ms | {speed:.1f} clips/s"
+                    + (f" | {skipped} steps skipped (non-finite loss)" if skipped else ""))
+            if step % cfg.ckpt_every == 0 or step == last:
+                save(step, int(guard.total))
+    bar.close()
+    if n_bad or bad_lines:
+        print0(f"skipped {n_bad} unreadable samples (replaced by the next readable one) and {bad_lines} malformed "
+               f"lines of the sample file (each named on stderr)", rt=rt)
+    return {"history": history, "parts": parts_history, "n_bad": n_bad, "bad_lines": bad_lines, "step": step,
+            "nan_skips": int(guard.total)}
 
 
 def train_step(model, micro_batches, optimizer, rt, scaler=None, grad_clip=0.0):
@@ -416,8 +429,9 @@ def train_step(model, micro_batches, optimizer, rt, scaler=None, grad_clip=0.0):
     forward AND backward), then a NaN/inf guard agreed by all ranks, unscale, clip, step.
 
     model(batch) -> (loss, {name: tensor}) (a WithLoss, maybe under DDP), each batch moved to the
-    device first. Returns (loss, parts, grad_norm, ok) as floats; ok False means the step was
-    skipped because some rank saw a non-finite loss."""
+    device first. Returns (loss, parts, grad_norm, ok) as tensors on the device, for training_loop to read
+    when it logs; ok False means the step was skipped because some rank saw a non-finite loss. With the fused
+    AdamW (CUDA) the skip happens on the device; elsewhere the host reads the flag (free on a CPU) and skips."""
     n = len(micro_batches)
     total = torch.zeros((), device=rt.device)
     parts = {}
@@ -440,75 +454,87 @@ def train_step(model, micro_batches, optimizer, rt, scaler=None, grad_clip=0.0):
             stacked = torch.stack([torch.as_tensor(parts[k], device=rt.device).float() for k in names])
             dist.all_reduce(stacked)
             parts = dict(zip(names, stacked / rt.world))
-    ok = bool(finite.item())
-    grad_norm = float("nan")
-    if ok:
-        for p in getattr(model, "replicated_params", ()):   # FSDP: parameters left out of the sharding
-            if p.grad is not None:
-                dist.all_reduce(p.grad)
-                p.grad /= rt.world
+    # The fused AdamW skips its update, and keeps its step count, where optimizer.found_inf is 1, as GradScaler
+    # has it do (torch/optim/adam.py, _fused_adam): no host sync. GradScaler (fp16) reads its own flag anyway.
+    on_device = scaler is None and optimizer.defaults.get("fused")
+    grad_norm = torch.full((), float("nan"), device=rt.device)
+    if on_device or finite.item():
+        average_replicated(model, rt)                        # FSDP: the scalars left out of the sharding
         if scaler:
             scaler.unscale_(optimizer)
         params = [p for g in optimizer.param_groups for p in g["params"]]
         if grad_clip > 0:
-            grad_norm = clip_gradients(params, grad_clip)
+            grad_norm = (clip_gradients if is_sharded(model) else torch.nn.utils.clip_grad_norm_)(params, grad_clip)
         if scaler:
             scaler.step(optimizer)
             scaler.update()
+        elif on_device:
+            optimizer.found_inf = 1 - finite
+            optimizer.step()
+            del optimizer.found_inf
         else:
             optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return float(total), {k: float(v) for k, v in parts.items()}, grad_norm, ok
-
-
-def clip_gradients(params, max_norm):
-    """clip_grad_norm_ that also takes FSDP's sharded (DTensor) gradients mixed with plain ones: the
-    norm of each kind, the sharded one reduced over ranks, combined, then one scale for all.
-    Returns the total norm before clipping, as a float."""
-    with_grad = [p for p in params if p.grad is not None]
-    groups = [g for g in ([p for p in with_grad if hasattr(p.grad, "full_tensor")],
-                          [p for p in with_grad if not hasattr(p.grad, "full_tensor")]) if g]
-    if not groups:
-        return 0.0
-    norms = []
-    for group in groups:
-        n = torch.nn.utils.get_total_norm([p.grad for p in group])
-        norms.append(n.full_tensor() if hasattr(n, "full_tensor") else n)
-    total = torch.stack([n.float() for n in norms]).norm()
-    for group in groups:
-        torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
-    return float(total)
+    return total, parts, grad_norm, finite.bool()
 
 
 def grad_sync(model, rt, sync):
     """Gradient synchronisation only on the last micro-batch: DDP's no_sync() (which must cover the
-    forward too), FSDP2's set_requires_gradient_sync (gradients stay unsharded until the last)."""
-    if not rt.ddp or sync and not is_sharded(model):
+    forward too) on the others; FSDP2 has its own switch (fsdp.gradient_sync)."""
+    if not rt.ddp:
         return nullcontext()
-    if hasattr(model, "no_sync"):
-        return model.no_sync()
-    root = next(m for m in model.modules() if hasattr(m, "set_requires_gradient_sync"))
-    root.set_requires_gradient_sync(sync)
-    return nullcontext()
+    if is_sharded(model):
+        gradient_sync(model, sync)
+        return nullcontext()
+    return nullcontext() if sync else model.no_sync()
 
 
-class NanGuard:
-    """Counts skipped (non-finite) steps; stops the run after `limit` in a row."""
+def to_device(x, device):
+    """A batch (dict) with every tensor on `device`, non-blocking from pinned memory; the rest as is."""
+    if isinstance(x, dict):
+        return {k: to_device(v, device) for k, v in x.items()}
+    return x.to(device, non_blocking=True) if isinstance(x, torch.Tensor) else x
 
-    def __init__(self, limit=5):
-        self.limit, self.total, self.in_a_row = limit, 0, 0
 
-    def update(self, ok, step):
-        if ok:
-            self.in_a_row = 0
-            return
-        self.total += 1
-        self.in_a_row += 1
-        print(f"step {step}: non-finite loss, step skipped ({self.total} so far)", file=sys.stderr, flush=True)
-        if self.in_a_row >= self.limit:
-            raise FloatingPointError(f"{self.in_a_row} non-finite losses in a row at step {step}: stopping. "
-                                     f"Check the data of these steps, lower the lr, or use --dtype=float32 to "
-                                     f"rule out precision.")
+def run_summary(result, max_steps):
+    """The metrics every stage reports about its training run: the loss and each of its terms at the
+    first step and averaged over the last 10."""
+    h, parts = result["history"], result.get("parts", [])
+    out = {"steps": result["step"], "loss_first": h[0] if h else None,
+           "loss_last": sum(h[-10:]) / len(h[-10:]) if h else None,
+           "nan_skips": result["nan_skips"], "bad_samples": result["n_bad"], "bad_lines": result.get("bad_lines", 0),
+           "finished": result["step"] == max_steps}
+    for k in (parts[0] if parts else {}):
+        out[f"loss_first_{k}"] = parts[0][k]
+        out[f"loss_last_{k}"] = sum(p[k] for p in parts[-10:]) / len(parts[-10:])
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# speed: regional compilation, half-precision storage of frozen weights
+
+def compile_blocks(model):
+    """Regional compilation (`--compile`): torch.compile each repeated block (fsdp.repeated_blocks:
+    the transformer blocks, the decoders) in place, not the whole model. Identical blocks share one
+    compiled graph, so InternViT-6B's 48 blocks compile about as fast as one; the glue around them
+    (masking, gathers, losses, DDP hooks) stays eager, and the step has no graph breaks to reason
+    about. Returns the number of modules compiled."""
+    blocks = repeated_blocks(model)
+    for blk in blocks:
+        blk.compile()
+    return len(blocks)
+
+
+def store_frozen(module, dtype):
+    """Keep a frozen network's weights in `dtype` (bf16 under bf16 autocast): half the memory, and
+    no per-step fp32 -> bf16 weight casts (7 GB of them for InternViT-6B). Trainable parameters
+    (LoRA adapters) keep fp32. A no-op for fp32."""
+    if dtype == torch.float32:
+        return module
+    for p in module.parameters():
+        if not p.requires_grad:
+            p.data = p.data.to(dtype)
+    return module
 
 
 # ------------------------------------------------------------------------------------------------
@@ -608,26 +634,9 @@ def restore_rng(ckpt, rt):
         print0(f"resume: world size changed ({ckpt.get('world')} -> {rt.world}); RNG re-seeded", rt=rt)
 
 
-# options a resumed run may change: how long, how often to log and save, how to load data, what to evaluate
-SAFE_TO_CHANGE = {"max_steps", "steps", "stop_after", "substage", "log_every", "ckpt_every", "eval", "eval_batch",
-                  "workers", "resume", "overwrite", "out_dir", "init_from", "vision_from", "compile", "skip_bad_samples",
-                  "frame_cache", "frame_cache_mb", "max_nan_in_a_row", "rerank_k"}
-
-
-def config_differences(saved, now):
-    """['--lr: 0.001 in the checkpoint, 0.002 now', ...] for every option that differs and is not safe to change
-    (SAFE_TO_CHANGE). saved, now: config dicts (asdict)."""
-    out = []
-    for k in sorted(set(saved) | set(now)):
-        a, b = saved.get(k), now.get(k)
-        if k not in SAFE_TO_CHANGE and (list(a) if isinstance(a, tuple) else a) != (list(b) if isinstance(b, tuple) else b):
-            out.append(f"--{k}: {a!r} in the checkpoint, {b!r} now")
-    return out
-
-
 def resume(out_dir, model, optimizer, scaler, rt, cfg=None, stage=None):
     """Restore <out_dir>/ckpt.pt exactly (weights, optimizer, scaler, RNG of every rank), after checking it is this
-    stage's and that its config agrees with `cfg` (a dataclass) on every option not in SAFE_TO_CHANGE
+    stage's and that its config agrees with `cfg` (a dataclass) on every option not in runs.SAFE_TO_CHANGE
     (ConfigError naming each difference). Returns (step, checkpoint) or (0, None) when there is nothing to resume."""
     path = Path(out_dir) / "ckpt.pt"
     if not path.exists():
@@ -642,163 +651,14 @@ def resume(out_dir, model, optimizer, scaler, rt, cfg=None, stage=None):
         if diff:
             raise ConfigError(f"--resume: {path} was written with other options ({'; '.join(diff)}); run with "
                               f"those, or start a new run in another --out_dir")
+    if getattr(cfg, "init_from", ""):       # every stage's rule: --init_from starts a run, a run's checkpoint continues it
+        print0(f"--resume: continuing {path}, not --init_from={cfg.init_from} (which only starts a run)", rt=rt)
     load_state(model, optimizer, ck)
     if scaler is not None and ck.get("scaler"):
         scaler.load_state_dict(ck["scaler"])
     restore_rng(ck, rt)
     print0(f"resumed from {path} at step {ck['step']}", rt=rt)
     return ck["step"], ck
-
-
-def claim_run_dir(out_dir, rt, resume=False, overwrite=False):
-    """One run per folder, and nothing overwritten by accident. Rank 0 takes <out_dir>/run.lock (naming its process;
-    a lock whose process is gone is taken over; our own process may re-enter, as tests and notebooks call main()
-    again), and refuses a new run into a folder that holds another run's results unless --resume or --overwrite.
-    The lock goes when the process exits."""
-    if not rt.master:
-        return
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    lock, me = out_dir / "run.lock", f"{os.getpid()} {socket.gethostname()}"
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            os.write(fd, f"{me} {datetime.datetime.now().isoformat(timespec='seconds')}\n".encode())
-            os.close(fd)
-            atexit.register(lambda: lock.exists() and lock.read_text().startswith(me) and lock.unlink())
-            break
-        except FileExistsError:
-            owner = lock.read_text().split()
-            if owner[:2] == me.split():
-                break                                                  # this process, an earlier main() call
-            pid, host = (int(owner[0]), owner[1]) if len(owner) >= 2 and owner[0].isdigit() else (0, "")
-            if host == socket.gethostname() and not _alive(pid):
-                lock.unlink(missing_ok=True)                           # left by a killed run: take it over
-                continue
-            raise ConfigError(f"--out_dir={out_dir} is in use by process {pid} on {host or '?'} ({lock}); wait for "
-                              f"it, use another --out_dir, or delete {lock} if that run is gone")
-    if resume or overwrite:
-        return
-    results = [p for p in [out_dir / "ckpt.pt", out_dir / "metrics.json", *sorted(out_dir.glob("substage*/ckpt.pt"))]
-               if p.exists()]
-    if results:
-        raise ConfigError(f"--out_dir={out_dir} holds another run ({', '.join(str(p) for p in results)}): continue "
-                          f"it with --resume, replace it with --overwrite, or choose another --out_dir")
-
-
-def finished_run(out_dir, step, max_steps, rt):
-    """--resume of a run that already reached max_steps: its metrics.json, untouched, instead of a run of no steps
-    (whose summary would have no losses). None when there is still something to do."""
-    path = Path(out_dir) / "metrics.json"
-    if step < max_steps or step == 0 or not path.exists():
-        return None
-    print0(f"--resume: {out_dir} finished at step {step} already (max_steps {max_steps}); its metrics: {path}", rt=rt)
-    cleanup(rt)
-    return json.loads(path.read_text())
-
-
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-
-
-class StopSignal:
-    """SIGINT / SIGTERM during training: finish the step, save a checkpoint, stop cleanly (a second Ctrl-C kills at
-    once). Under DDP the ranks agree each step (one all-reduce of a flag), so all of them save together."""
-
-    def __enter__(self):
-        self.hit, self.old = 0, {}
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self.old[sig] = signal.signal(sig, self._handle)
-            except ValueError:                                 # not the main thread (a notebook kernel thread)
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        self.hit = signum
-        signal.signal(signum, self.old.get(signum, signal.SIG_DFL))
-
-    def stop_now(self, rt):
-        if rt.ddp:                                             # one process alone needs no tensor (no GPU sync)
-            flag = torch.tensor(float(self.hit), device=rt.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            self.hit = int(flag.item())
-        return bool(self.hit)
-
-    def __exit__(self, *exc):
-        for sig, old in self.old.items():
-            signal.signal(sig, old)
-
-
-def training_loop(model, optimizer, loader, rt, cfg, *, step, lr_at, scaler, log, save, desc, clips_per_step,
-                  nan_skips=0, progress=True, bad_lines=0):
-    """The loop every stage runs: set lr -> grad_accum micro-batches -> train_step -> NaN guard ->
-    progress bar (loss terms, lr, clips/s) -> log.txt every cfg.log_every -> checkpoint every
-    cfg.ckpt_every and at the end. Stops at cfg.max_steps, or earlier at cfg.stop_after.
-    save(step, nan_skips) writes the checkpoint; progress=False hides the bar (notebooks).
-    SIGINT/SIGTERM save at the next step boundary and exit 128 + the signal (StopSignal).
-    Returns {history, parts, n_bad, bad_lines, step, nan_skips}."""
-    from tqdm import tqdm
-    last = cfg.max_steps if not cfg.stop_after else min(cfg.max_steps, cfg.stop_after)
-    guard = NanGuard(cfg.max_nan_in_a_row)
-    guard.total = nan_skips
-    timer, n_bad, history, parts_history = Timer(rt.device), 0, [], []
-    bar = tqdm(total=last, initial=step, desc=desc, disable=not (rt.master and progress), file=sys.stdout, dynamic_ncols=True,
-               mininterval=0.5)
-    with StopSignal() as stop:
-        while step < last:
-            if stop.stop_now(rt):
-                save(step, guard.total)
-                bar.close()
-                name = signal.Signals(stop.hit).name
-                log(f"{name} at step {step}: checkpoint saved, stopped")
-                print0(f"\n{name}: checkpoint saved at step {step}; continue with --resume", rt=rt)
-                cleanup(rt)
-                sys.exit(128 + stop.hit)
-            lr = lr_at(step)
-            set_lr(optimizer, lr)
-            micro = [next(loader) for _ in range(cfg.grad_accum)]
-            n_bad += sum(b["n_bad"] for b in micro)
-            loss, parts, gnorm, ok = train_step(model, micro, optimizer, rt, scaler, cfg.grad_clip)
-            guard.update(ok, step)
-            step += 1
-            dt = timer.lap()
-            history.append(loss)
-            parts_history.append(parts)
-            bar.update(1)
-            bar.set_postfix_str(" ".join(f"{k} {v:.3f}" for k, v in parts.items())
-                                + f" lr {lr:.1e} {clips_per_step / dt:.0f} clips/s")
-            if step % cfg.log_every == 0 or step == last:
-                log(f"step {step}/{cfg.max_steps} | loss {loss:.4f} (" + " ".join(f"{k} {v:.4f}" for k, v in parts.items())
-                    + f") | lr {lr:.2e} | grad norm {gnorm:.3f} | {dt * 1000:.0f} ms | {clips_per_step / dt:.1f} clips/s")
-            if step % cfg.ckpt_every == 0 or step == last:
-                save(step, guard.total)
-    bar.close()
-    if n_bad or bad_lines:
-        print0(f"skipped {n_bad} unreadable samples (replaced by the next readable one) and {bad_lines} malformed "
-               f"lines of the sample file (each named on stderr)", rt=rt)
-    return {"history": history, "parts": parts_history, "n_bad": n_bad, "bad_lines": bad_lines, "step": step,
-            "nan_skips": guard.total}
-
-
-def run_summary(result, max_steps):
-    """The metrics every stage reports about its training run: the loss and each of its terms at the
-    first step and averaged over the last 10."""
-    h, parts = result["history"], result.get("parts", [])
-    out = {"steps": result["step"], "loss_first": h[0] if h else None,
-           "loss_last": sum(h[-10:]) / len(h[-10:]) if h else None,
-           "nan_skips": result["nan_skips"], "bad_samples": result["n_bad"], "bad_lines": result.get("bad_lines", 0),
-           "finished": result["step"] == max_steps}
-    for k in (parts[0] if parts else {}):
-        out[f"loss_first_{k}"] = parts[0][k]
-        out[f"loss_last_{k}"] = sum(p[k] for p in parts[-10:]) / len(parts[-10:])
-    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -850,29 +710,6 @@ def finish(out_dir, metrics, rt, show, log=None):
             f"{k} {v:.3f}" for k, v in metrics.items() if show(k) and isinstance(v, float)))
     cleanup(rt)
     return metrics
-
-
-def _finite_or_none(obj, bad):
-    """JSON has no NaN or inf: such floats become null, their keys collected in `bad`."""
-    if isinstance(obj, dict):
-        return {k: (bad.append(k) or None) if isinstance(v, float) and not math.isfinite(v) else _finite_or_none(v, bad)
-                for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [None if isinstance(v, float) and not math.isfinite(v) else _finite_or_none(v, bad) for v in obj]
-    return obj
-
-
-def write_json(path, obj):
-    """Strict JSON, written atomically: non-finite numbers are written as null and named under "_non_finite"."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    bad = []
-    obj = _finite_or_none(json.loads(json.dumps(obj, default=float)), bad)
-    if bad and isinstance(obj, dict):
-        obj["_non_finite"] = f"NaN or inf, written as null: {', '.join(bad)}"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, allow_nan=False))
-    os.replace(tmp, path)
 
 
 class Timer:

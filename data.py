@@ -735,7 +735,7 @@ class VideoTextDataset(torch.utils.data.Dataset):
                                                             + 1, self.num_frames, self.train, rng)]
         # VideoChat2's `start` / `end`, in seconds: a part of a video file (a frame store has no frame rate)
         seconds = (rec["start"], rec["end"]) if rec.get("start") is not None and rec.get("end") is not None else None
-        if self.cache and seconds is None:     # the short side follows crop_scale at call time (teachers.py changes it)
+        if self.cache and seconds is None:     # the short side follows crop_scale at call time (a caller may change it)
             frames, src_hw = _FRAME_CACHE.frames(path, pick, cache_short_side(self.img_size, self.crop_scale),
                                                  self.cache_mb)
         else:

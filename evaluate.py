@@ -602,7 +602,7 @@ def diagnose(data, rt, stage1=None, stage2=None, stage3=None, teachers=None, n_t
     ck2 = load_checkpoint(stage2) if stage2 else None
     if stage1:
         ck = load_checkpoint(stage1)
-        vcfg = VisionConfig(**ck["model_config"])
+        vcfg = VisionConfig.from_saved(ck["model_config"])
         torch.manual_seed(seed)
         random_init = InternVideo2(vcfg).to(dev).eval()
         student = InternVideo2(vcfg, with_heads=True)
@@ -766,7 +766,7 @@ def frozen_video(ck, path, num_frames=0):
             vcfg, settings = vision_config_from_state(released_state(ck))[1], {}
         else:
             mc = ck["model_config"]                               # stage 3 nests the encoder's config, stage 1 not
-            vcfg, settings = VisionConfig(**mc.get("vision", mc)), ck["config"]
+            vcfg, settings = VisionConfig.from_saved(mc.get("vision", mc)), ck["config"]
         model = torch.nn.ModuleDict({"vision_encoder": InternVideo2(vcfg)})
         load_video_encoder(model, ck, path)
         pooled = model.vision_encoder
@@ -883,7 +883,8 @@ def features_main(argv):
 def probe_main(argv):
     """python evaluate.py probe --ckpt=... --train=train.jsonl --val=val.jsonl [--label=label] [--probe=both]"""
     import argparse
-    from common import cleanup, load_checkpoint, setup_runtime, write_json
+    from common import cleanup, load_checkpoint, setup_runtime
+    from runs import write_json
     from data import DataError, VideoTextDataset
     p = argparse.ArgumentParser(prog="evaluate.py probe", description="Frozen-feature probes of a checkpoint on the "
                                 "labels of any JSONL: a linear probe (logistic regression) on the pooled video vector "
@@ -1021,7 +1022,8 @@ def main(argv=None):
     if argv and argv[0] == "zeroshot":
         argv = argv[1:]
     from types import SimpleNamespace
-    from common import cleanup, load_checkpoint, print0, setup_runtime, write_json
+    from common import cleanup, load_checkpoint, print0, setup_runtime
+    from runs import write_json
     from data import load_jsonl
     p = argparse.ArgumentParser(prog="evaluate.py [zeroshot]", description="Zero-shot retrieval (cosine, then matching re-ranking of the top k) and "
                                 "zero-shot classification of a stage-2 checkpoint on the val.jsonl of --data "

@@ -32,7 +32,7 @@ official state dict loads with `load_state_dict` and no mapping table.
     python model.py            # prints the parameter table of every preset (meta device, instant)
 """
 import math
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -60,7 +60,6 @@ class VisionConfig:
     norm: str = "rms"              # "rms" (eps 1e-6) | "ln" (VideoMAE, eps 1e-6)
     layerscale: float = 1e-5       # LayerScale init; 0 = no LayerScale (SM/models/internvideo2_pretrain.py:261-262)
     act: str = "gelu_tanh"         # "gelu_tanh" (official fused MLP) | "gelu" (exact, VideoMAE)
-    attention_layout: str = "standard"  # "standard" | "official": the released VideoMAE teacher code's (Attention)
     drop_path: float = 0.25        # last block's drop path, linear from 0 (SM/models/internvideo2_pretrain.py:502)
     pool_heads: int = 16           # attention-pooling head (clip_projector)
     pool_dim: int = 768            # its output width (clip_embed_dim)
@@ -70,6 +69,12 @@ class VisionConfig:
     clip_return_layers: int = 6    # last K blocks aligned to the image teacher
     mae_teacher_dim: int = 1408    # VideoMAEv2-g token width
     mae_return_layers: int = 4     # last K blocks aligned to the video teacher
+
+    @classmethod
+    def from_saved(cls, saved):
+        """The config a checkpoint recorded (its model_config dict). Those written before the video teacher's attention
+        moved to teachers.py (toys/quickstart_stage{1,2,3}.pt) also hold attention_layout="standard": dropped."""
+        return cls(**{k: v for k, v in saved.items() if k != "attention_layout"})
 
     @property
     def grid(self):                # (T', H', W') token grid
@@ -92,7 +97,6 @@ class VisionConfig:
             (self.qkv_bias in ("none", "qv"), "qkv_bias must be 'none' or 'qv'"),
             (self.norm in ("rms", "ln"), "norm must be 'rms' or 'ln'"),
             (self.act in ("gelu", "gelu_tanh"), "act must be 'gelu' or 'gelu_tanh'"),
-            (self.attention_layout in ("standard", "official"), "attention_layout must be 'standard' or 'official'"),
             (0 <= self.clip_return_layers <= self.depth, "clip_return_layers must be in [0, depth]"),
             (0 <= self.mae_return_layers <= self.depth, "mae_return_layers must be in [0, depth]"),
         ]
@@ -188,17 +192,11 @@ def attend(q, k, v, mask=None, causal=False, dropout=0.0, need_weights=False):
 
 class Attention(nn.Module):
     """Self-attention of the ViT family: one fused qkv Linear, output proj, optional q/v biases (VideoMAE),
-    optional qk-norm over the full width (InternVideo2, InternViT; SM/models/internvideo2_pretrain.py:169-181).
+    optional qk-norm over the full width (InternVideo2, InternViT; SM/models/internvideo2_pretrain.py:169-181)."""
 
-    layout="official" reproduces the VideoMAE teacher as InternVideo2's stage-1 code runs it
-    (SM/models/videomae.py:93-96): q, k, v are permuted to (B, heads, N, hd) and handed to flash_attn_func,
-    which reads (B, seqlen, heads, hd). So each token attends over its own heads (seqlen = heads) instead of
-    over the tokens, and the (B, heads, N, hd) result is reshaped to (B, N, dim) without a transpose back.
-    "standard" is real attention over the tokens, the default: the released checkpoint was trained with it."""
-
-    def __init__(self, dim, heads, qkv_bias="none", qk_norm=False, norm="rms", layout="standard"):
+    def __init__(self, dim, heads, qkv_bias="none", qk_norm=False, norm="rms"):
         super().__init__()
-        self.heads, self.layout = heads, layout
+        self.heads = heads
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)   # rows are [q; k; v] (SM/models/internvideo2_pretrain.py:196)
         if qkv_bias == "qv":                             # VideoMAE: k has no bias (SM/models/videomae.py:74-92)
             self.q_bias = nn.Parameter(torch.zeros(dim))
@@ -207,18 +205,17 @@ class Attention(nn.Module):
         self.k_norm = make_norm(norm, dim) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x):                                # x: (B, N, D)
-        qkv = self.qkv(x)                                # the layer itself, so a teacher's FP8 Linear can stand in
+    def heads_qkv(self, x):                              # x: (B, N, D) -> q, k, v: (B, H, N, hd) each
+        qkv = self.qkv(x)                                # (B, N, 3D)
         if hasattr(self, "q_bias"):
             qkv = qkv + torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
         q, k, v = qkv.chunk(3, dim=-1)                   # 3 x (B, N, D)
         q, k = self.q_norm(q), self.k_norm(k)            # normalised with all heads concatenated
         h = self.heads
-        q, k, v = split_heads(q, h), split_heads(k, h), split_heads(v, h)           # (B, H, N, hd)
-        if self.layout == "official":          # flash's view of (B, H, N, hd): batch B, seqlen H, N "heads"
-            y = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))     # (B, N, H, hd), softmax over H
-            return self.proj(y.transpose(1, 2).reshape(x.shape))                     # (B, H, N, hd) memory, no transpose
-        return self.proj(merge_heads(attend(q, k, v)))
+        return split_heads(q, h), split_heads(k, h), split_heads(v, h)
+
+    def forward(self, x):                                # x: (B, N, D)
+        return self.proj(merge_heads(attend(*self.heads_qkv(x))))
 
 
 class Mlp(nn.Module):
@@ -264,11 +261,12 @@ class DropPath(nn.Module):
 class Block(nn.Module):
     """Pre-norm ViT block: x + DropPath(LayerScale(sublayer(Norm(x)))) (SM/models/internvideo2_pretrain.py:290-291)."""
 
-    def __init__(self, cfg: VisionConfig, drop_path=0.0):
+    def __init__(self, cfg: VisionConfig, drop_path=0.0, attention=Attention):
         super().__init__()
         d = cfg.dim
         self.norm1 = make_norm(cfg.norm, d)
-        self.attn = Attention(d, cfg.heads, cfg.qkv_bias, cfg.qk_norm, cfg.norm, cfg.attention_layout)
+        # attention: Attention, or a subclass computing it otherwise (the released video teacher's, teachers.py)
+        self.attn = attention(d, cfg.heads, cfg.qkv_bias, cfg.qk_norm, cfg.norm)
         self.ls1 = LayerScale(d, cfg.layerscale) if cfg.layerscale else nn.Identity()
         self.drop_path1 = DropPath(drop_path)
         self.norm2 = make_norm(cfg.norm, d)
@@ -892,6 +890,7 @@ class Stage2Model(nn.Module):
                  temp=0.07):
         super().__init__()
         contrastive_dim = contrastive_dim or (768 if acfg else 512)  # 1B: MM/scripts/pretraining/stage2/1B/config.py:78
+        self.contrastive_dim, self.av_dim = contrastive_dim, av_dim
         self.vision_encoder = InternVideo2(vcfg)
         self.text_encoder = TextEncoder(replace(tcfg, cross_width=av_dim if acfg else vcfg.dim))
         self.vision_proj = nn.Linear(vcfg.pool_dim, contrastive_dim)
@@ -941,10 +940,16 @@ class Stage2Model(nn.Module):
         h = self.text_encoder.forward_fusion(text_states, pad_mask, memory)
         return (self.itm_head if head == "itm" else self.avtm_head)(h[:, 0])
 
+    def model_config(self):
+        """What from_config rebuilds this model from, as a stage-2 checkpoint records it."""
+        return {"vision": asdict(self.vision_encoder.cfg), "text": asdict(self.text_encoder.cfg),
+                "audio": asdict(self.audio_encoder.cfg) if self.has_audio else None,
+                "contrastive_dim": self.contrastive_dim, "av_dim": self.av_dim}
+
     @staticmethod
     def from_config(mc):
         """Rebuild from a stage-2 checkpoint's model_config (vision, text, audio dicts and the widths)."""
-        return Stage2Model(VisionConfig(**mc["vision"]), TextConfig(**mc["text"]),
+        return Stage2Model(VisionConfig.from_saved(mc["vision"]), TextConfig(**mc["text"]),
                            AudioConfig(**mc["audio"]) if mc.get("audio") else None, mc["contrastive_dim"], mc["av_dim"])
 
 
@@ -1319,11 +1324,28 @@ class Stage3Model(nn.Module):
         emb = self.llm.embed_tokens(ids)
         return torch.cat([emb[:, :at], visual.to(emb.dtype), emb[:, at + visual.shape[1]:]], dim=1)
 
+    def no_weight_decay(self, substage):
+        """Parameters kept out of weight decay by name, besides the 1-D ones and biases (common.build_optimizer, as
+        VC2/utils/optimizer.py:17-28 called from VC2/tasks/shared_utils.py:56). Sub-stage 1 is VideoChat2's Q-Former
+        alignment model, which names {query_tokens, temp, vision_temp_embed, vision_encoder.class_embedding,
+        vision_encoder.positional_embedding} (VC2/models/videochat2_qformer.py:376-384): here the queries, both tables
+        (the official stage 1 has one, of 32; ours carries the 64 extra from the start), and temp; the video encoder is
+        frozen in our sub-stage 1 and its UMT encoder's temporal table does not exist here. Sub-stages 2-3 are
+        VideoChat2's instruction model, which names nothing (VC2/models/videochat_mistra/videochat2_it_mistral.py has no
+        no_weight_decay): the queries, pos_embed and cls_token are decayed; temp, 0-d, is exempt by the 1-D rule."""
+        return {"temp", "qformer.query_tokens", "qformer.extra_query_tokens"} if substage == 1 else set()
+
+    def model_config(self):
+        """What from_config rebuilds this model from, as a stage-3 checkpoint records it (the LoRA settings: None
+        before sub-stage 3)."""
+        return {"vision": asdict(self.vision_encoder.cfg), "qformer": asdict(self.qformer.cfg),
+                "llm": asdict(self.llm.cfg), "lora": lora_config(self.llm)}
+
     @staticmethod
     def from_config(mc):
         """Rebuild from a checkpoint's model_config (vision, qformer, llm dicts and the LoRA settings)."""
-        model = Stage3Model(VisionConfig(**mc["vision"]), QFormerConfig(**mc["qformer"]), LLMConfig(**mc["llm"]),
-                            mc.get("contrastive_dim", 256))
+        model = Stage3Model(VisionConfig.from_saved(mc["vision"]), QFormerConfig(**mc["qformer"]),
+                            LLMConfig(**mc["llm"]), mc.get("contrastive_dim", 256))
         if mc.get("lora"):
             restore_lora(model.llm, mc["lora"])
         return model

@@ -12,23 +12,28 @@ with 2 - 2cos losses on L2-normalised features (SM/scripts/pretraining/1B_pt.sh:
         --mae_teacher=videomae-g --mae_teacher_ckpt=vit_g_hybrid_1200e_pre.pth --img_size=224
 
 Writes <out_dir>/ckpt.pt (student + heads, optimizer, step, RNG), log.txt and metrics.json (linear probes of the
-pooled vector and the mean token, attentive probes of the tokens; evaluate.evaluate_stage1). `--resume` continues exactly; stage 2 takes `--init_from=<ckpt.pt>`.
+pooled vector and the mean token, attentive probes of the tokens; evaluate.evaluate_stage1). `--resume` continues
+exactly; stage 2 takes `--init_from=<ckpt.pt>`.
 """
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from checkpoints import TOYS, check_init_from, stage1_student_state
-from common import (RunLog, WithLoss, barrier, build_optimizer, by_preset, check, claim_run_dir, cli, compile_blocks,
-                    cosine_lr, distribute, finish, finished_run, load_checkpoint, load_state, model_state,
-                    optimizer_state, parse_config, pick_dtype, print0, resume, run_summary, save_checkpoint,
-                    setup_runtime, shard, training_loop)
+from common import (RunLog, WithLoss, barrier, build_optimizer, by_preset, check, cli, compile_blocks, cosine_lr,
+                    distribute, finish, load_checkpoint, load_state, model_state, optimizer_state, parse_config,
+                    pick_dtype, preset_img_size, print0, resume, run_summary, save_checkpoint, setup_runtime,
+                    training_loop)
 from data import FRAME_CACHE, TOYWORLD, VideoTextDataset, prepare_toyworld, sample_file, train_loader
 from evaluate import evaluate_stage1
+from fp8 import float8_teachers
+from fsdp import shard
 from losses import stage1_objective
 from model import MASK_TYPES, VISION_PRESETS, InternVideo2, count_params, param_table, vision_preset
 from plots import loss_figure, save_pictures, stage1_mask_figure
-from teachers import build_teachers, float8_teachers, pretrain_toy_teachers
+from pretrain_toys import pretrain_toy_teachers
+from runs import claim_run_dir, finished_run
+from teachers import build_teachers
 
 
 @dataclass
@@ -54,9 +59,9 @@ class Stage1Config:
     mae_teacher: str = "toy"        # toy | videomae-g
     clip_teacher_ckpt: str = ""     # "" = toys/toy_clip_teacher.pt for toy (shipped; trained if missing)
     mae_teacher_ckpt: str = ""      # "" = toys/toy_mae_teacher.pt for toy (shipped; trained if missing)
-    random_teachers: bool = False   # random-init teachers (benchmarks, tests); the probe is then meaningless
+    random_teachers: bool = False   # random-init teachers (benchmarks, tests); the probes are then meaningless
     mae_teacher_attention: str = "standard"  # standard | official: the released code's attention (README, differences)
-    teacher_steps: tuple = (2000, 0, 400)  # toy teachers' (CLIP, VideoMAE, motion) steps when they must be trained
+    teacher_steps: tuple = (2000, 400)  # toy teachers' steps when they must be trained: (CLIP, motion classes)
     # masking and loss
     mask_type: str = "attention"    # attention | tube | random (SM/scripts/pretraining/1B_pt.sh:23-24)
     mask_ratio: float = -1.0        # fraction of each frame's patches hidden from the student; -1 = by preset
@@ -78,20 +83,20 @@ class Stage1Config:
     dtype: str = "auto"             # auto (CUDA bf16, else fp32) | float32 | bfloat16 | float16
     compile: bool = False           # torch.compile the student's and the teachers' blocks (regional)
     teacher_dtype: str = "auto"     # auto (bf16 in bf16 autocast, else fp32) | float32 | bfloat16 | float8(_tensor)
-    #   float8(_tensor): the teachers' nn.Linears in e4m3 (teachers.Float8Linear), activation scales per token (per
-    #   tensor), the rest in auto's dtype; FP8 matmuls on CUDA >= 8.9, elsewhere the same numbers in fp32 (slower)
+    #   float8(_tensor): the teachers' nn.Linears in e4m3 (fp8.py), activation scales per token (per tensor), the
+    #   rest in auto's dtype; FP8 matmuls on CUDA >= 8.9, elsewhere the same numbers in fp32 (slower)
     grad_ckpt_blocks: int = 0       # activation checkpointing for the first N student blocks
     fsdp: bool = False              # under torchrun: FSDP2-shard the student (6B) instead of DDP
     seed: int = 0                   # seeds init, data order, augmentation and masks
     out_dir: str = "out/stage1"     # ckpt.pt, log.txt, metrics.json
-    init_from: str = ""             # start from this checkpoint's student weights (not its optimizer)
+    init_from: str = ""             # a run's start: this checkpoint's student weights (not its optimizer)
     resume: bool = False            # continue <out_dir>/ckpt.pt exactly (model, optimizer, step, RNG, data)
     overwrite: bool = False         # start anew in an --out_dir that holds another run (its files are replaced)
     ckpt_every: int = 100           # steps between checkpoints (and at the end)
     stop_after: int = 0             # stop after this step without finishing the schedule (0 = off)
     log_every: int = 10             # steps between log.txt lines
     max_nan_in_a_row: int = 5       # non-finite losses in a row that stop the run
-    eval: bool = True               # linear-probe evaluation at the end
+    eval: bool = True               # linear and attentive probes at the end (evaluate.evaluate_stage1)
     probe_train_clips: int = 600    # training clips the probes are fitted on
     probe_steps: int = 150          # AdamW steps of each attentive probe
 
@@ -111,16 +116,13 @@ class Stage1Config:
         check(self.mask_type in MASK_TYPES, f"--mask_type must be attention, tube or random, got {self.mask_type!r}")
         check(self.batch_size > 0 and self.grad_accum > 0, "--batch_size and --grad_accum must be positive")
         check(self.max_steps >= 0 and self.warmup_steps >= 0, "--max_steps and --warmup_steps must be >= 0")
-        check(len(self.teacher_steps) == 3, "--teacher_steps wants three step counts: (CLIP, VideoMAE, motion)")
+        check(len(self.teacher_steps) == 2, "--teacher_steps wants two step counts: (CLIP, motion classes)")
         check(0.0 < self.crop_scale <= 1.0, f"--crop_scale must be in (0, 1], got {self.crop_scale}")
-        check(not (self.resume and self.init_from), "use --resume or --init_from, not both")
         check(self.preset in VISION_PRESETS, f"--preset must be one of {list(VISION_PRESETS)}, got {self.preset!r}")
         by_preset(self, self.BY_PRESET, 0 if self.preset == "toy" else 1)
         check(0.0 <= self.mask_ratio < 1.0, f"--mask_ratio must be in [0, 1), got {self.mask_ratio}")
         base = VISION_PRESETS[self.preset]
-        self.img_size = self.img_size or base.img_size
-        check(self.img_size % VISION_PRESETS[self.preset].patch_size == 0, f"--img_size must be a multiple of the {self.preset} preset's "
-              f"{VISION_PRESETS[self.preset].patch_size} px patches, got {self.img_size}")
+        self.img_size = preset_img_size(self.preset, base, self.img_size)
         self.drop_path = base.drop_path if self.drop_path < 0 else self.drop_path
 
 
@@ -154,10 +156,9 @@ def main(argv=None):
         barrier(rt)
     teachers = build_teachers(cfg.clip_teacher, cfg.mae_teacher, clip_ckpt or None, mae_ckpt or None,
                               cfg.mae_teacher_attention)
-    fp8 = cfg.teacher_dtype.startswith("float8")   # e4m3 Linears on auto's dtype: CUDA bf16, a CPU's fp32 run fp32
-    teachers.to(rt.device, rt.frozen_dtype if cfg.teacher_dtype == "auto" or fp8
-                else pick_dtype(rt.device, cfg.teacher_dtype))
-    if fp8:                                         # quantised on the device, from the weights as stored there
+    teachers.to(rt.device, rt.frozen_dtype if cfg.teacher_dtype == "auto" or cfg.teacher_dtype.startswith("float8")
+                else pick_dtype(rt.device, cfg.teacher_dtype))       # float8: all but the Linears in auto's dtype
+    if cfg.teacher_dtype.startswith("float8"):      # e4m3 Linears (fp8.py), quantised on the device from those weights
         print0(float8_teachers(teachers, per_token=cfg.teacher_dtype == "float8"), rt=rt)
     check(teachers.clip.cfg.dim == vcfg.clip_teacher_dim and teachers.mae.cfg.dim == vcfg.mae_teacher_dim
           and teachers.clip.cfg.pool_dim == vcfg.clip_teacher_final_dim,
@@ -185,7 +186,7 @@ def main(argv=None):
     step, ck = resume(out_dir, student, optimizer, scaler, rt, cfg, stage=1) if cfg.resume else (0, None)
     if cfg.resume and (done := finished_run(out_dir, step, cfg.max_steps, rt)) is not None:
         return done
-    if cfg.init_from and not cfg.resume:
+    if cfg.init_from and ck is None:                   # a run's start; a resumed one continues its own checkpoint
         ck0 = load_checkpoint(cfg.init_from)
         check_init_from(ck0, cfg.init_from, ("stage-1 checkpoint", "released stage-1 module"), stage=1)
         state = stage1_student_state(student, ck0, cfg.init_from, log=lambda msg: print0(msg, rt=rt))

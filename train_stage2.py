@@ -21,15 +21,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from checkpoints import check_init_from, TOYS, key_names, load_beats, load_bert, load_video_encoder
-from common import (RunLog, WithLoss, barrier, build_optimizer, by_preset, check, claim_run_dir, cli, compile_blocks,
-                    cosine_lr, distribute, finish, finished_run, load_checkpoint, model_state, optimizer_state,
-                    parse_config, print0, resume, run_summary, save_checkpoint, setup_runtime, training_loop)
+from common import (RunLog, WithLoss, barrier, build_optimizer, by_preset, check, cli, compile_blocks, cosine_lr,
+                    distribute, finish, load_checkpoint, model_state, optimizer_state, parse_config, preset_img_size,
+                    print0, resume, run_summary, save_checkpoint, setup_runtime, training_loop)
 from data import (FRAME_CACHE, TOYWORLD, VideoTextDataset, WordPieceTokenizer, prepare_toyworld, sample_file,
                   stage2_fields, train_loader)
 from losses import AUDIO_LOSSES, STAGE2_LOSSES, stage2_objective
 from model import VISION_PRESETS, Stage2Model, audio_preset, param_table, text_preset, vision_preset
 from plots import loss_figure, save_pictures, stage2_similarity_figure
 from pretrain_toys import pretrain_toy_bert
+from runs import claim_run_dir, finished_run
 
 
 @dataclass
@@ -56,9 +57,9 @@ class Stage2Config:
     num_frames: int = 0             # frames per clip; 0 = by preset (MM/scripts/pretraining/stage2/1B/config.py:19-20)
     img_size: int = 0               # 0 = the preset's
     drop_path: float = -1.0         # -1 = the preset's
-    contrastive_dim: int = 0              # contrastive width; 0 = by preset
+    contrastive_dim: int = 0        # contrastive width; 0 = by preset
     av_dim: int = 0                 # width of the audio+video memory; 0 = by preset
-    init_from: str = ""             # stage-1 checkpoint (its student), or a stage-2 checkpoint (everything)
+    init_from: str = ""             # a run's start: a stage-1 checkpoint (its student) or a stage-2 one (everything)
     text_ckpt: str = ""             # BERT state dict (HF names); toy: "" = toys/toy_bert.pt (shipped), trained if missing
     random_text: bool = False       # start the text encoder from random weights (tests)
     audio_ckpt: str = ""            # BEATs checkpoint ({'cfg', 'model'}) for the audio encoder
@@ -120,7 +121,6 @@ class Stage2Config:
         check(self.batch_size > 0 and self.max_steps >= 0, "--batch_size must be > 0 and --max_steps >= 0")
         check(self.audio in ("toy", "beats-base", "none"), f"--audio must be toy, beats-base or none, got {self.audio!r}")
         check(self.preset in VISION_PRESETS, f"--preset must be one of {list(VISION_PRESETS)}, got {self.preset!r}")
-        check(not (self.resume and self.init_from and self.max_steps), "use --resume or --init_from, not both")
         pairs = [p.split(":") for p in self.captions.split(",")] if self.captions else []
         check(all(len(p) == 2 for p in pairs), f"--captions wants loss:caption_key pairs, got {self.captions!r}")
         check(set(dict(pairs)) <= set(STAGE2_LOSSES), f"--captions names unknown losses "
@@ -128,9 +128,7 @@ class Stage2Config:
         self.captions = ""                      # the recipe's mapping, then the pairs given on top of it
         by_preset(self, self.BY_PRESET, 0 if self.preset == "toy" else (2 if self.audio != "none" else 1))
         base = VISION_PRESETS[self.preset]                  # img_size and drop_path: the preset's
-        self.img_size = self.img_size or base.img_size
-        check(self.img_size % VISION_PRESETS[self.preset].patch_size == 0, f"--img_size must be a multiple of the {self.preset} preset's "
-              f"{VISION_PRESETS[self.preset].patch_size} px patches, got {self.img_size}")
+        self.img_size = preset_img_size(self.preset, base, self.img_size)
         self.drop_path = base.drop_path if self.drop_path < 0 else self.drop_path
         self.captions = ",".join(f"{k}:{v}" for k, v in {**self.caption_map(), **dict(pairs)}.items())
         check(0.0 <= self.mask_ratio < 1.0, f"--mask_ratio must be in [0, 1), got {self.mask_ratio}")
@@ -225,9 +223,7 @@ def main(argv=None):
         save_checkpoint(out_dir / "ckpt.pt", {
             "stage": 2, "step": step, "model": model_state(model), "optimizer": optimizer_state(model, optimizer),
             "scaler": scaler.state_dict() if scaler else None, "config": asdict(cfg),
-            "model_config": {"vision": asdict(vcfg), "text": asdict(model.text_encoder.cfg),
-                             "audio": asdict(acfg) if acfg else None, "contrastive_dim": cfg.contrastive_dim,
-                             "av_dim": cfg.av_dim}, "nan_skips": nan_skips}, rt)
+            "model_config": model.model_config(), "nan_skips": nan_skips}, rt)
 
     result = {"history": [], "n_bad": 0, "step": step, "nan_skips": 0}
     if step < cfg.max_steps:

@@ -16,7 +16,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-KEEP = ("stage", "step", "model", "config", "model_config", "lora", "tokenizers")   # no optimizer, scaler, RNG
+KEEP = ("stage", "step", "model", "config", "model_config", "tokenizers")   # no optimizer, scaler, RNG
 
 
 def shipped(k):

@@ -21,7 +21,7 @@ def trained(toyworld, toy_pretrained, tmp_path_factory):
     from train_stage3 import main
     out = tmp_path_factory.mktemp("chat_s3")
     main([f"--data={toyworld}", f"--out_dir={out}", f"--qformer_bert={toy_pretrained['bert']}",
-          f"--llm_ckpt={toy_pretrained['llm']}", "--steps=(0,0,1)", "--frames=(2,2,2)", "--batch_size=4",
+          f"--llm_ckpt={toy_pretrained['llm']}", "--max_steps=(0,0,1)", "--num_frames=(2,2,2)", "--batch_size=4",
           "--eval=False"])
     return {"ckpt": out / "ckpt.pt", "sub": out / "substage3" / "ckpt.pt",
             "video": toyworld / "videos" / "val_00000.webp"}

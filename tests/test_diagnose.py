@@ -19,7 +19,7 @@ def toyworld_probe(tmp_path_factory):
 def test_shipped_toy_teachers_carry_their_knowledge_in_their_tokens(toyworld_probe):
     """The image teacher's mean token knows shape and colour and not direction; the video teacher's knows direction
     and speed (linear probes, held-out clips; chance: shape 0.25, colour 0.17, direction 0.25, speed 0.5). The image
-    teacher's shape in its tokens comes from the CLIP term on its mean token (teachers.pretrain_toy_teachers)."""
+    teacher's shape in its tokens comes from the CLIP term on its mean token (pretrain_toys.pretrain_toy_teachers)."""
     from common import Runtime
     from evaluate import diagnose
     torch.manual_seed(0)
@@ -42,7 +42,7 @@ def test_diagnose_command_on_a_tiny_pipeline(toyworld, toy_pretrained, tmp_path)
     train_stage1.main(common + [f"--out_dir={tmp_path / 's1'}", "--max_steps=2", "--warmup_steps=1"])
     train_stage2.main(common + [f"--out_dir={tmp_path / 's2'}", "--max_steps=2", "--num_frames=4",
                                 f"--text_ckpt={toy_pretrained['bert']}", f"--init_from={tmp_path / 's1' / 'ckpt.pt'}"])
-    train_stage3.main(common + [f"--out_dir={tmp_path / 's3'}", "--steps=(1,1,1)", "--frames=(4,4,4)",
+    train_stage3.main(common + [f"--out_dir={tmp_path / 's3'}", "--max_steps=(1,1,1)", "--num_frames=(4,4,4)",
                                 "--max_llm_len=64", f"--qformer_bert={toy_pretrained['bert']}",
                                 f"--llm_ckpt={toy_pretrained['llm']}", f"--init_from={tmp_path / 's2' / 'ckpt.pt'}"])
     out = tmp_path / "diagnosis.md"
@@ -82,7 +82,7 @@ def test_shipped_quick_start_models_load_as_their_stages(toyworld):
     cks = {k: load_checkpoint(TOYS / f"quickstart_stage{k}.pt") for k in (1, 2, 3)}
     for k, ck in cks.items():
         assert checkpoint_kind(ck) == f"stage-{k} checkpoint" and "optimizer" not in ck, k
-    InternVideo2(VisionConfig(**cks[1]["model_config"]), with_heads=True).load_state_dict(cks[1]["model"])
+    InternVideo2(VisionConfig.from_saved(cks[1]["model_config"]), with_heads=True).load_state_dict(cks[1]["model"])
     Stage2Model.from_config(cks[2]["model_config"]).load_state_dict(cks[2]["model"])
     stage3_model(cks[3], torch.device("cpu"))
     answer = chat.main([f"--ckpt={TOYS / 'quickstart_stage3.pt'}", f"--video={toyworld / 'videos' / 'val_00000.webp'}",

@@ -59,7 +59,7 @@ def test_features_equal_each_stages_own_encode_functions(toyworld, tiny_ckpts, t
     from model import InternVideo2, Stage2Model, VisionConfig
 
     ck = load_checkpoint(tiny_ckpts[1])
-    student = InternVideo2(VisionConfig(**ck["model_config"]), with_heads=True)
+    student = InternVideo2(VisionConfig.from_saved(ck["model_config"]), with_heads=True)
     student.load_state_dict(ck["model"])
     batch, recs = _clips(toyworld / "val.jsonl", student.cfg.num_frames)
     evaluate.main(["features", f"--ckpt={tiny_ckpts[1]}", f"--data={toyworld}", f"--out={tmp_path / 's1.npz'}",

@@ -54,7 +54,7 @@ def test_one_gpu_ddp_run_of_stage1(tmp_path):
 def test_float8_scaled_mm_equals_the_reference_path(per_token):
     """The e4m3 x e4m3 products are exact in fp32, so the two paths differ by accumulation order and the final
     bf16 rounding only. M: not a multiple of 16, the toy teachers' 2 * 8 * 17, and a full-size token count."""
-    from teachers import Float8Linear, fp8_matmul_available
+    from fp8 import Float8Linear, fp8_matmul_available
     if not fp8_matmul_available("cuda"):
         pytest.skip("needs FP8 tensor cores (compute capability >= 8.9)")
     torch.manual_seed(0)
@@ -75,7 +75,7 @@ def test_float8_scaled_mm_equals_the_reference_path(per_token):
 def test_float8_teachers_bench_on_cuda(compile):
     """Stage 1 with FP8 teachers through bench.py (eager and regionally compiled): finite, and the fidelity
     figures it reports vs the same teachers in bf16."""
-    from teachers import fp8_matmul_available
+    from fp8 import fp8_matmul_available
     if not fp8_matmul_available("cuda"):
         pytest.skip("needs FP8 tensor cores (compute capability >= 8.9)")
     res = bench.main(["--stage=1", "--device=cuda", "--batch_size=4", "--steps=2", "--warmup=1", "--count_flops=False",

@@ -1,6 +1,7 @@
-"""Nothing lost, nothing silent: run folders are protected (one run per folder, no overwrite by accident, --resume
-only with the options it was started with), Ctrl-C saves a checkpoint, every bad option or file is one line,
-metrics.json is strict JSON, and DDP logs the loss terms averaged over the ranks."""
+"""runs.py and the loop's guards. Nothing lost, nothing silent: run folders are protected (one run per folder, no
+overwrite by accident, --resume only with the options it was started with), Ctrl-C saves a checkpoint, a step with
+a non-finite loss is skipped and counted (on the host, or on the device by the fused AdamW), every bad option or
+file is one line, metrics.json is strict JSON, and DDP logs the loss terms averaged over the ranks."""
 import json
 import math
 import os
@@ -9,11 +10,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from common import ConfigError, CheckpointError, config_differences, train_step, write_json
+from common import ConfigError, CheckpointError, Runtime, WithLoss, train_step, training_loop
+from runs import NanGuard, config_differences, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,6 +80,81 @@ def test_sigint_saves_a_checkpoint_and_resume_continues(toyworld, tmp_path):
     step = torch.load(tmp_path / "ckpt.pt", weights_only=False)["step"]
     assert 3 <= step < 400
     assert "SIGINT at step" in log.read_text()
+
+
+def test_non_finite_loss_skips_the_step_and_stops_after_several():
+    rt = Runtime(torch.device("cpu"), torch.float32)
+    net = torch.nn.Linear(3, 1)
+    before = net.weight.clone()
+    opt = torch.optim.SGD(net.parameters(), lr=1.0)
+    nan_fn = lambda m, b: ((m(b) * float("nan")).sum(), {})
+    loss, _, _, ok = train_step(WithLoss(net, nan_fn), [torch.ones(2, 3)], opt, rt)
+    assert not ok and torch.equal(net.weight, before) and net.weight.grad is None
+    guard = NanGuard(limit=3)
+    guard.update(False)
+    guard.update(True)                                       # a good step resets the run of failures
+    guard.update(False)
+    guard.update(False)
+    assert guard.check(3) == 3                               # read when the loop logs: 3 skipped, 2 in a row
+    guard.update(False)
+    with pytest.raises(FloatingPointError, match="3 non-finite losses in a row"):
+        guard.check(4)
+    assert guard.total == 4
+
+
+def _nan_at(steps):
+    """A linear net and a loss of it, with one term, that is NaN at the given calls (counted from 0)."""
+    calls, net = [], torch.nn.Linear(3, 1)
+
+    def fn(m, b):
+        calls.append(0)
+        loss = m(b["x"]).square().mean() * (float("nan") if len(calls) - 1 in steps else 1.0)
+        return loss, {"sq": loss}
+    return net, WithLoss(net, fn)
+
+
+def test_the_fused_adamw_skips_a_non_finite_step_without_the_host(monkeypatch):
+    """The fused AdamW (build_optimizer's on CUDA; on a CPU here, the same found_inf contract) skips the update and
+    keeps its step count where the loss is not finite, and train_step reads nothing on the host to decide."""
+    rt = Runtime(torch.device("cpu"), torch.float32)
+    torch.manual_seed(0)
+    net, model = _nan_at({1})
+    opt = torch.optim.AdamW(net.parameters(), lr=0.1, fused=True)
+    x = [{"x": torch.ones(2, 3)}]
+    train_step(model, x, opt, rt, grad_clip=1.0)
+    weights, state = ({k: v.clone() for k, v in d.items()} for d in (net.state_dict(), opt.state[net.weight]))
+    with monkeypatch.context() as m:
+        for read in ("item", "__bool__", "__float__", "tolist"):
+            m.setattr(torch.Tensor, read, lambda *a: pytest.fail("train_step read a tensor on the host"))
+        loss, parts, _, ok = train_step(model, x, opt, rt, grad_clip=1.0)
+    assert not ok and loss.isnan() and not hasattr(opt, "found_inf")
+    assert all(torch.equal(v, weights[k]) for k, v in net.state_dict().items())
+    assert all(torch.equal(v, state[k]) for k, v in opt.state[net.weight].items())        # step count 1 again
+    loss, _, _, ok = train_step(model, x, opt, rt, grad_clip=1.0)
+    assert ok and opt.state[net.weight]["step"] == 2 and not torch.equal(net.weight, weights["weight"])
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["host", "fused"])
+def test_the_loop_counts_skipped_steps_at_log_steps(fused, capsys):
+    rt = Runtime(torch.device("cpu"), torch.float32)
+    cfg = SimpleNamespace(max_steps=6, stop_after=0, grad_accum=1, grad_clip=1.0, max_nan_in_a_row=3, log_every=4,
+                          ckpt_every=100)
+
+    def loop(nan_steps):
+        torch.manual_seed(0)
+        net, model = _nan_at(nan_steps)
+        opt = torch.optim.AdamW(net.parameters(), lr=0.1, fused=fused)
+        batches = iter(lambda: {"x": torch.ones(2, 3), "n_bad": 0}, None)
+        return training_loop(model, opt, batches, rt, cfg, step=0, lr_at=lambda s: 0.1, scaler=None, log=lines.append,
+                             save=lambda *a: saved.append(a), desc="test", clips_per_step=2, progress=False)
+    lines, saved = [], []
+    result = loop({2, 3})
+    assert result["nan_skips"] == 2 and saved == [(6, 2)] and len(result["history"]) == 6
+    assert [math.isnan(h) for h in result["history"]] == [False, False, True, True, False, False]
+    assert all(type(h) is float for h in result["history"]) and result["parts"][0]["sq"] == result["history"][0]
+    assert "| 2 steps skipped" in lines[0] and "step 4: 2 steps with a non-finite loss" in capsys.readouterr().err
+    with pytest.raises(FloatingPointError, match="3 non-finite losses in a row at step 4"):
+        loop({0, 1, 2})
 
 
 def test_bad_options_and_files_are_one_line(toyworld, tmp_path):

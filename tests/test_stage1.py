@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from common import ConfigError, Runtime, WithLoss, distribute, model_state, shard, train_step
+from common import ConfigError, Runtime, WithLoss, distribute, model_state, train_step
 from conftest import assert_picture, run_two_ranks, save_result
 from data import VideoTextDataset, train_loader
+from fsdp import shard
 from model import InternVideo2, vision_preset
 from teachers import build_teachers
 from losses import stage1_objective
@@ -31,8 +32,8 @@ def test_config_errors_are_named(toyworld, tmp_path, capsys):
         main(_args(toyworld, tmp_path, "--batch_size=four"))
     with pytest.raises(ConfigError, match="--mask_ratio must be in"):
         main(_args(toyworld, tmp_path, "--mask_ratio=1.5"))
-    with pytest.raises(ConfigError, match="--teacher_steps wants three"):
-        main(_args(toyworld, tmp_path, "--teacher_steps=(450,100)"))
+    with pytest.raises(ConfigError, match="--teacher_steps wants two"):
+        main(_args(toyworld, tmp_path, "--teacher_steps=(450,0,100)"))
     with pytest.raises(ConfigError, match="--mask_type must be"):
         main(_args(toyworld, tmp_path, "--mask_type=blocks"))
     with pytest.raises(ConfigError, match="--mae_teacher_attention must be standard or official"):
@@ -131,25 +132,6 @@ def test_torchrun_two_processes(toyworld, tmp_path):
     assert "world 2" in (tmp_path / "log.txt").read_text()
     if r.returncode != 0:
         assert "step 2/2" in (tmp_path / "log.txt").read_text(), r.stderr[-4000:]
-
-
-def test_non_finite_loss_skips_the_step_and_stops_after_several():
-    from common import NanGuard
-    rt = Runtime(torch.device("cpu"), torch.float32)
-    net = torch.nn.Linear(3, 1)
-    before = net.weight.clone()
-    opt = torch.optim.SGD(net.parameters(), lr=1.0)
-    nan_fn = lambda m, b: ((m(b) * float("nan")).sum(), {})
-    loss, _, _, ok = train_step(WithLoss(net, nan_fn), [torch.ones(2, 3)], opt, rt)
-    assert not ok and torch.equal(net.weight, before) and net.weight.grad is None
-    guard = NanGuard(limit=3)
-    guard.update(False, 0)
-    guard.update(True, 1)                                    # a good step resets the run of failures
-    guard.update(False, 2)
-    guard.update(False, 3)
-    with pytest.raises(FloatingPointError, match="3 non-finite losses in a row"):
-        guard.update(False, 4)
-    assert guard.total == 4
 
 
 def test_attentive_probe_finds_one_token_among_many():

@@ -138,6 +138,32 @@ def test_frozen_parts_get_no_gradient_in_each_substage():
         assert grads[expect] is not None and grads[expect].abs().sum() > 0, (sub, expect)
 
 
+def test_weight_decay_sets_are_videochat2s():
+    """Sub-stage 1 keeps the queries (and temp) out of weight decay, as VideoChat2's Q-Former model names them;
+    sub-stages 2-3 name nothing, so only 1-D tensors and biases are exempt (pos_embed, cls_token, queries decayed)."""
+    from common import build_optimizer
+    model = _stage3()
+    for sub in (1, 2, 3):
+        model.set_trainable(sub)
+        opt = build_optimizer(model, 1e-3, 0.02, (0.9, 0.999), 1e-8, model.no_weight_decay(sub))
+        name = {p: n for n, p in model.named_parameters()}
+        decayed, exempt = ({name[p] for p in g["params"]} for g in opt.param_groups)
+        assert {n for n in exempt if model.get_parameter(n).ndim > 1 and not n.endswith(".bias")} == (
+            {"qformer.query_tokens", "qformer.extra_query_tokens"} if sub == 1 else set()), sub
+        assert "temp" in exempt and (sub == 1 or {"vision_encoder.pos_embed", "vision_encoder.cls_token",
+                                                  "qformer.query_tokens"} <= decayed), sub
+
+
+def test_old_option_spellings_still_work_and_say_their_new_name(capsys):
+    from common import parse_config
+    from train_stage3 import Stage3Config
+    cfg = parse_config(Stage3Config(), ["--steps=(40,50,60)", "--frames=(2,2,4)", "--lrs=(1e-3,1e-3,2e-4)"])
+    assert (cfg.max_steps, cfg.num_frames, cfg.lr) == ((40, 50, 60), (2, 2, 4), (1e-3, 1e-3, 2e-4))
+    assert cfg.warmup_steps == (4, 5, 6)                                        # a tenth of each sub-stage
+    assert capsys.readouterr().out.splitlines() == ["--steps is now --max_steps", "--frames is now --num_frames",
+                                                    "--lrs is now --lr"]
+
+
 def test_stage2_to_stage3_hand_off_loads_the_encoder(tmp_path):
     from checkpoints import load_video_encoder
     torch.manual_seed(0)
@@ -160,7 +186,7 @@ def test_stage2_to_stage3_hand_off_loads_the_encoder(tmp_path):
 def test_short_run_lowers_the_loss_and_chat_answers(toyworld, toy_pretrained, tmp_path):
     from train_stage3 import main
     m = main([f"--data={toyworld}", f"--out_dir={tmp_path}", f"--qformer_bert={toy_pretrained['bert']}",
-              f"--llm_ckpt={toy_pretrained['llm']}", "--steps=(15,15,15)", "--frames=(2,2,4)", "--max_llm_len=64", "--batch_size=8", "--log_every=1",
+              f"--llm_ckpt={toy_pretrained['llm']}", "--max_steps=(15,15,15)", "--num_frames=(2,2,4)", "--max_llm_len=64", "--batch_size=8", "--log_every=1",
               "--eval_batch=16"])
     for sub in (1, 2, 3):
         assert m[f"substage{sub}_loss_last"] < m[f"substage{sub}_loss_first"], (sub, m)
@@ -170,13 +196,13 @@ def test_short_run_lowers_the_loss_and_chat_answers(toyworld, toy_pretrained, tm
     assert_picture(tmp_path / "loss.png")
     # every sub-stage has its own random stream: sub-stage 3 alone from sub-stage 2's checkpoint = the same run
     alone = main([f"--data={toyworld}", f"--out_dir={tmp_path / 'alone'}", f"--qformer_bert={toy_pretrained['bert']}",
-                  f"--llm_ckpt={toy_pretrained['llm']}", "--steps=(15,15,15)", "--frames=(2,2,4)", "--max_llm_len=64",
+                  f"--llm_ckpt={toy_pretrained['llm']}", "--max_steps=(15,15,15)", "--num_frames=(2,2,4)", "--max_llm_len=64",
                   "--batch_size=8", "--substage=3", f"--init_from={tmp_path / 'substage2' / 'ckpt.pt'}", "--eval=False"])
     for key in ("substage3_loss_first", "substage3_loss_last"):
         assert alone[key] == pytest.approx(m[key], rel=1e-5), key
     # and LoRA dropout resumes exactly: 15 steps == 7 + --resume + 8, bit for bit
     part = lambda *x: main([f"--data={toyworld}", f"--out_dir={tmp_path / 'part'}", f"--qformer_bert={toy_pretrained['bert']}",
-                            f"--llm_ckpt={toy_pretrained['llm']}", "--steps=(15,15,15)", "--frames=(2,2,4)",
+                            f"--llm_ckpt={toy_pretrained['llm']}", "--max_steps=(15,15,15)", "--num_frames=(2,2,4)",
                             "--max_llm_len=64", "--batch_size=8", "--substage=3", "--eval=False",
                             f"--init_from={tmp_path / 'substage2' / 'ckpt.pt'}", *x])
     part("--stop_after=7")
@@ -222,7 +248,7 @@ def test_fsdp_under_torchrun_writes_a_full_checkpoint(toyworld, toy_pretrained, 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(Path(__file__).resolve().parents[1] / "train_stage3.py"), f"--data={toyworld}",
            f"--out_dir={tmp_path}", f"--qformer_bert={toy_pretrained['bert']}", f"--llm_ckpt={toy_pretrained['llm']}",
-           f"--substage={substage}", f"--steps={steps}", "--fsdp", "--batch_size=4", "--workers=0", "--log_every=1"]
+           f"--substage={substage}", f"--max_steps={steps}", "--fsdp", "--batch_size=4", "--workers=0", "--log_every=1"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     ck_path = tmp_path / "ckpt.pt"
     assert ck_path.exists(), r.stdout[-2000:] + r.stderr[-4000:]
