@@ -97,7 +97,10 @@ def check_fits(own, state, source, what, strict=False):
     unexpected = sorted(k for k in state if k not in own)
     if missing or shapes or (strict and unexpected):
         shapes = ", ".join(shapes[:10]) + (" ..." if len(shapes) > 10 else "") or "none"
-        raise CheckpointError(f"{source}: its weights do not fit {what}: missing {key_names(missing)}; "
+        named = key_names(missing)          # block indices folded; where that hides which block, the names too
+        if missing and named != ", ".join(missing):
+            named += f" (that is, missing {missing[:10]}{' ...' if len(missing) > 10 else ''})"
+        raise CheckpointError(f"{source}: its weights do not fit {what}: missing {named}; "
                               + (f"unexpected {key_names(unexpected)}; " if strict else "") + f"other shapes {shapes}")
     return unexpected
 

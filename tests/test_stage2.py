@@ -177,7 +177,7 @@ def test_beats_loads_from_the_official_layout():
         with pytest.raises(KeyError, match=f"{key}={value!r}"):
             load_beats({**ck, "cfg": {**ck["cfg"], key: value}})
     del official["encoder.layers.1.fc1.weight"]
-    with pytest.raises(KeyError, match=r"missing encoder\.layers\.\*\.fc1\.weight"):
+    with pytest.raises(KeyError, match="encoder.layers.1.fc1.weight"):
         load_beats(ck)
 
 
