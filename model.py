@@ -72,8 +72,8 @@ class VisionConfig:
 
     @classmethod
     def from_saved(cls, saved):
-        """The config a checkpoint recorded (its model_config dict). Those written before the video teacher's attention
-        moved to teachers.py (toys/quickstart_stage{1,2,3}.pt) also hold attention_layout="standard": dropped."""
+        """The config a checkpoint recorded (its model_config dict). Checkpoints written before the video teacher's
+        attention moved to teachers.py (2026-12-07) also hold attention_layout="standard", which is dropped."""
         return cls(**{k: v for k, v in saved.items() if k != "attention_layout"})
 
     @property
